@@ -1,0 +1,12 @@
+"""trinfer's Triton kernels: public API.
+
+Every function here validates its inputs, runs a @triton.jit kernel through a torch custom op
+(`torch.ops.trinfer.*`), and has a plain-PyTorch fp32 reference in `trinfer.triton_kernels.references`.
+On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before this package is imported).
+"""
+from .rms_norm import fused_add_rms_norm, rms_norm
+
+__all__ = [
+    "rms_norm",
+    "fused_add_rms_norm",
+]

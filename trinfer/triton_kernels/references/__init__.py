@@ -1,0 +1,8 @@
+"""Plain-PyTorch references, one per kernel, written for clarity in fp32.
+
+Tests, benchmarks and the runtime's `torch` backend all import these same functions. Each mirrors the
+casts of the Hugging Face module it stands for, so that it is also the CPU fallback of the runtime.
+"""
+from .norm import fused_add_rms_norm_ref, rms_norm_ref
+
+__all__ = ["rms_norm_ref", "fused_add_rms_norm_ref"]
