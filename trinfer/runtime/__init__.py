@@ -1,0 +1,17 @@
+"""trinfer's runtime: load a checkpoint, run the Llama-family model over a paged KV cache, serve requests.
+
+    from trinfer.runtime import LLM, Engine, SamplingParams
+
+Modules, in the order a request meets them (nano-vllm's layout):
+    config, loader, tokenizer, default_model   checkpoint -> ModelConfig, fused weights, tokenizer
+    sampling_params, sequence                  a request and its state
+    block_manager, kv_cache                    the paged KV cache and who owns which block
+    scheduler                                  continuous batching, preemption by recompute
+    attention_metadata, model, model_runner    one forward pass: metadata, the model, the argmax
+    engine, llm                                add_request / step / abort, and the batch API
+"""
+from .engine import Engine, RequestOutput, RequestTimings
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+__all__ = ["LLM", "Engine", "SamplingParams", "RequestOutput", "RequestTimings"]

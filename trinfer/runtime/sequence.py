@@ -1,0 +1,93 @@
+"""A request as the scheduler sees it: token ids, KV blocks, status, finish reason, timings, text state."""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"    # queued for (re)prefill: new, or preempted and to be recomputed
+    RUNNING = "running"    # holds KV blocks and decodes one token per step
+    FINISHED = "finished"  # blocks freed; nothing more will be generated
+
+
+class FinishReason(str, enum.Enum):
+    EOS = "eos"          # the model produced one of its end-of-sequence ids
+    LENGTH = "length"    # max_new_tokens reached
+    STOP = "stop"        # a stop string appeared in the text
+    CONTEXT = "context"  # prompt + output reached the model's context length
+    ABORT = "abort"      # Engine.abort()
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Sequence:
+    """One request. `token_ids` holds the prompt then the generated tokens.
+
+    The KV cache holds the first `num_cached_tokens` tokens (0 while waiting): after a prefill all but
+    the newest token, whose KV is written when it is fed at the next decode step. Preemption frees the
+    blocks and resets `num_cached_tokens`; the next prefill then recomputes prompt + generated tokens.
+    """
+
+    __slots__ = (
+        "request_id", "prompt", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
+        "num_cached_tokens", "logprobs", "finish_reason", "num_preemptions",
+        "arrival_time", "token_times", "detokenizer", "text", "num_text_sent", "num_tokens_sent",
+    )
+
+    def __init__(self, request_id: Any, prompt_token_ids: list[int], params: SamplingParams, *,
+                 prompt: str | None = None, detokenizer=None, arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        self.logprobs: list[float] = []
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        self.token_times: list[float] = []  # perf_counter() when each output token reached the host
+        self.detokenizer = detokenizer
+        self.text = ""           # decoded output text, cut before a stop string once one is found
+        self.num_text_sent = 0   # characters of `text` already handed out as deltas
+        self.num_tokens_sent = 0  # output tokens already handed out as deltas
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float, now: float) -> None:
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        self.token_times.append(now)
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"output={self.num_output_tokens}, blocks={len(self.block_table)})")
