@@ -1,0 +1,401 @@
+"""The engine: requests in, greedily decoded tokens and text out, one `step()` at a time.
+
+A step is schedule -> run -> postprocess:
+    schedule     the scheduler picks a prefill batch (new or preempted requests) and a decode batch
+    run          the model runner runs each batch (separate passes) and returns one token per sequence
+    postprocess  append tokens, detokenize incrementally, check the stops, free finished sequences' blocks
+
+Everything an engine uses hangs off the instance (no module-level state): two engines in one process are
+independent. Bad requests are refused by `add_request` with a ValueError/TypeError before anything changes,
+so the engine keeps serving the others.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from .block_manager import blocks_needed
+from .kv_cache import choose_num_blocks
+from .model import BACKENDS, get_backend
+from .model_runner import ModelRunner
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import FinishReason, Sequence
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {dev} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Default: bf16 on CUDA, fp32 on the CPU."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"dtype: expected one of auto, float32, bfloat16, float16, got {dtype!r}")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Default: triton on CUDA, torch on the CPU. Triton on the CPU needs the (slow) interpreter."""
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton" and device.type == "cpu":
+        from trinfer.triton_kernels._utils import interpreting
+
+        if not interpreting():
+            raise ValueError("backend: 'triton' on the CPU runs only under the Triton interpreter "
+                             "(TRITON_INTERPRET=1 set before trinfer is imported; very slow); use backend='torch'")
+    return backend
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimings:
+    """Seconds, from `time.perf_counter()`. `token_latencies[i]` is the wait for output token i: the time
+    to first token for i = 0, then the gap since the previous token."""
+
+    arrival_time: float
+    token_times: tuple[float, ...]
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival_time if self.token_times else None
+
+    @property
+    def token_latencies(self) -> list[float]:
+        prev = (self.arrival_time,) + self.token_times[:-1]
+        return [t - p for t, p in zip(self.token_times, prev)]
+
+    @property
+    def e2e(self) -> float | None:
+        return self.token_times[-1] - self.arrival_time if self.token_times else None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Output tokens after the first, per second of decoding."""
+        if len(self.token_times) < 2 or self.token_times[-1] == self.token_times[0]:
+            return None
+        return (len(self.token_times) - 1) / (self.token_times[-1] - self.token_times[0])
+
+
+class RequestOutput:
+    """A request's state as of the step that returned it, with what is new since the previous one.
+
+    token_ids / logprobs: generated tokens (an EOS token included) and the log-probability of each.
+    text: decoded text of those tokens; while unfinished it can lag by a few characters when stop strings
+        are set (held back until they cannot begin a stop string); once stopped it ends before the stop string.
+    delta_text / delta_token_ids: what this output adds to the previous one (for streaming).
+    finish_reason: None while running, else "eos" | "length" | "stop" | "context" | "abort".
+    """
+
+    __slots__ = ("_seq", "_n_tokens", "_n_text", "request_id", "finish_reason", "delta_text", "delta_token_ids",
+                 "num_preemptions")
+
+    def __init__(self, seq: Sequence, delta_text: str, delta_token_ids: list[int]):
+        self._seq = seq  # token lists only grow, so slicing at these lengths is a snapshot
+        self._n_tokens = seq.num_output_tokens
+        self._n_text = seq.num_text_sent
+        self.request_id = seq.request_id
+        self.finish_reason = str(seq.finish_reason) if seq.finish_reason is not None else None
+        self.delta_text = delta_text
+        self.delta_token_ids = delta_token_ids
+        self.num_preemptions = seq.num_preemptions
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt(self) -> str | None:
+        return self._seq.prompt
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self._seq.prompt_token_ids
+
+    @property
+    def token_ids(self) -> list[int]:
+        s = self._seq
+        return s.token_ids[s.num_prompt_tokens: s.num_prompt_tokens + self._n_tokens]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self._seq.logprobs[: self._n_tokens]
+
+    @property
+    def text(self) -> str:
+        return self._seq.text[: self._n_text]
+
+    @property
+    def timings(self) -> RequestTimings:
+        return RequestTimings(self._seq.arrival_time, tuple(self._seq.token_times[: self._n_tokens]))
+
+    def __repr__(self) -> str:
+        return (f"RequestOutput(request_id={self.request_id!r}, finish_reason={self.finish_reason!r}, "
+                f"tokens={self._n_tokens}, text={self.text!r})")
+
+
+class Engine:
+    """Continuous-batching greedy engine over one model.
+
+    Args:
+        model: a checkpoint path (Hugging Face directory or .gguf file), None for the default model
+            (SmolLM2-135M-Instruct), or a `LoadedModel` already loaded on `device` in `dtype`.
+        dtype: "float32" | "bfloat16" | "float16" | torch dtype; default bf16 on CUDA, fp32 on the CPU.
+        backend: "triton" | "torch"; default triton on CUDA, torch on the CPU.
+        device: "cpu" | "cuda[:N]"; default cuda when available.
+        max_num_seqs: most sequences running at once (decode batch size).
+        num_kv_blocks / kv_cache_memory: KV cache size in blocks or in bytes (at most one); default: 85% of
+            the free GPU memory, or 512 MiB on the CPU, capped at what max_num_seqs full contexts need.
+        block_size: tokens per KV block.
+        max_num_batched_tokens: most tokens in one prefill batch (a longer prompt still runs, alone).
+        max_model_len: context length, at most the model's (default: the model's).
+        debug: kernels also run their input checks that read device memory (slower).
+    """
+
+    def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
+                 max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False):
+        from .loader import LoadedModel, load_model_files
+
+        self.device = resolve_device(device)
+        self.backend_name = resolve_backend(backend, self.device)
+        if isinstance(model, LoadedModel):
+            loaded = model
+            w = loaded.weights["embed_tokens"]
+            if w.device.type != self.device.type or (dtype is not None and w.dtype != resolve_dtype(dtype, self.device)):
+                raise ValueError(f"model: a LoadedModel on {w.device} in {w.dtype} does not match the requested "
+                                 f"device {self.device} / dtype {dtype}")
+            self.dtype = w.dtype
+        else:
+            self.dtype = resolve_dtype(dtype, self.device)
+            if model is None:
+                from .default_model import default_model_path
+
+                model = default_model_path()
+            loaded = load_model_files(model, device=self.device, dtype=self.dtype)
+        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        self.config = cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.source = loaded.source
+        if max_model_len is None:
+            max_model_len = cfg.max_position_embeddings
+        elif not 1 < max_model_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len: expected 2..{cfg.max_position_embeddings} (the model's context), "
+                             f"got {max_model_len}")
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        num_blocks = choose_num_blocks(cfg, block_size=block_size, dtype=self.dtype, device=self.device,
+                                       max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                       num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory)
+        self.runner = ModelRunner(cfg, loaded.weights, get_backend(self.backend_name), device=self.device,
+                                  dtype=self.dtype, num_blocks=num_blocks, block_size=block_size,
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, debug=debug)
+        from .block_manager import BlockManager
+
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens or max(max_model_len, 8192))
+        self.eos_token_ids = frozenset(cfg.eos_token_ids or ())
+        self._requests: dict[Any, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+                    chat: bool = False, request_id: Any = None, **param_kwargs) -> Any:
+        """Queue a request; returns its id. `prompt` is text, token ids, or (chat=True) text or a list of
+        {"role", "content"} messages to which the model's chat template is applied. Sampling parameters come
+        as `params` or as keywords (max_new_tokens=, stop=, ignore_eos=)."""
+        return self._enqueue(self._new_sequence(prompt, params, chat=chat, request_id=request_id, **param_kwargs))
+
+    def _enqueue(self, seq: Sequence) -> Any:
+        if seq.request_id in self._requests:
+            raise ValueError(f"request_id: {seq.request_id!r} is already in use")
+        self._requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def _new_sequence(self, prompt, params, *, chat=False, request_id=None, **param_kwargs) -> Sequence:
+        """Validate a request and build its Sequence without touching the engine's state."""
+        if params is None:
+            params = SamplingParams(**param_kwargs)
+        elif param_kwargs:
+            raise TypeError(f"add_request: give either params or keywords, not both ({', '.join(param_kwargs)})")
+        elif not isinstance(params, SamplingParams):
+            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if request_id is not None and request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        tok = self.tokenizer
+        if params.stop and tok is None:
+            raise ValueError("stop: stop strings need a tokenizer, and this model has none")
+        text = None
+        if chat:
+            if tok is None:
+                raise ValueError("chat: the model has no tokenizer, hence no chat template")
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValueError("prompt: expected a non-empty prompt, got ''")
+                messages = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+                messages = prompt
+            else:
+                raise TypeError("prompt: with chat=True expected a str or a non-empty list of message dicts")
+            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            ids = tok.encode(text, add_special_tokens=False)
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: expected a non-empty prompt, got ''")
+            if tok is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            text = prompt
+            ids = tok.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)) or isinstance(prompt, torch.Tensor):
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            self._check_token_ids(ids)
+        else:
+            raise TypeError(f"prompt: expected a str or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt: expected at least one token, got none")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit the context of {self.max_model_len} tokens "
+                             f"(at least one must be left to generate); shorten the prompt")
+        need = min(len(ids) + params.max_new_tokens, self.max_model_len)
+        if not self.scheduler.fits_alone(need):
+            bm = self.scheduler.block_manager
+            raise ValueError(f"request: needs {blocks_needed(need, self.block_size)} KV blocks ({len(ids)} prompt "
+                             f"tokens + max_new_tokens {params.max_new_tokens}, at most {self.max_model_len}), but "
+                             f"the whole cache has {bm.num_blocks} blocks of {self.block_size} tokens; lower "
+                             f"max_new_tokens or give the engine more KV cache")
+        detok = None
+        if tok is not None:
+            from .tokenizer import IncrementalDetokenizer
+
+            detok = IncrementalDetokenizer(tok, prompt_ids=ids)
+        rid = next(self._ids) if request_id is None else request_id
+        while request_id is None and rid in self._requests:
+            rid = next(self._ids)
+        return Sequence(rid, ids, params, prompt=text, detokenizer=detok)
+
+    def _check_token_ids(self, ids: list) -> None:
+        vocab = self.config.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int):
+                try:
+                    import numpy as np
+
+                    ok = isinstance(t, np.integer)
+                except ImportError:  # pragma: no cover
+                    ok = False
+                if not ok:
+                    raise TypeError(f"prompt: token {i} is {type(t).__name__} {t!r}, expected an int")
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt: token id {t} at position {i} is outside the vocabulary [0, {vocab})")
+        ids[:] = [int(t) for t in ids]
+
+    def abort(self, request_id: Any) -> RequestOutput:
+        """Stop a request now and free its blocks; returns its final output (finish_reason "abort")."""
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            raise KeyError(f"abort: unknown request id {request_id!r} (never added, or already finished)")
+        seq.finish_reason = FinishReason.ABORT
+        self.scheduler.finish(seq)
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return an output for every request that got a token (or finished)."""
+        step = self.scheduler.schedule()
+        outputs = []
+        for seqs, is_prefill in ((step.prefill, True), (step.decode, False)):
+            if not seqs:
+                continue
+            token_ids, logprobs = self.runner.run(seqs, is_prefill)
+            now = time.perf_counter()
+            for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+                seq.num_cached_tokens = seq.num_tokens
+                seq.append_token(token_id, logprob, now)
+                self._postprocess(seq, token_id)
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                    del self._requests[seq.request_id]
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _postprocess(self, seq: Sequence, token_id: int) -> None:
+        """Detokenize the new token and decide whether the sequence is done."""
+        p = seq.params
+        if token_id in self.eos_token_ids and not p.ignore_eos:
+            seq.finish_reason = FinishReason.EOS
+        elif seq.detokenizer is not None:
+            self._add_text(seq, seq.detokenizer.push(token_id))
+        if seq.finish_reason is None:
+            if seq.num_output_tokens >= p.max_new_tokens:
+                seq.finish_reason = FinishReason.LENGTH
+            elif seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = FinishReason.CONTEXT
+        if seq.finish_reason not in (None, FinishReason.STOP) and seq.detokenizer is not None:
+            self._add_text(seq, seq.detokenizer.flush())
+
+    @staticmethod
+    def _add_text(seq: Sequence, new: str) -> None:
+        if not new:
+            return
+        start = len(seq.text)
+        seq.text += new
+        stops = seq.params.stop
+        if stops:
+            longest = max(len(s) for s in stops)
+            hits = [i for s in stops if (i := seq.text.find(s, max(0, start - longest + 1))) >= 0]
+            if hits:
+                seq.text = seq.text[: min(hits)]
+                seq.finish_reason = FinishReason.STOP
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text_end = len(seq.text)
+        if seq.finish_reason is None and seq.params.stop:  # hold back what could start a stop string
+            text_end -= max(len(s) for s in seq.params.stop) - 1
+        text_end = max(text_end, seq.num_text_sent)
+        delta_text = seq.text[seq.num_text_sent: text_end]
+        seq.num_text_sent = text_end
+        delta_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_tokens_sent:]
+        seq.num_tokens_sent = seq.num_output_tokens
+        return RequestOutput(seq, delta_text, delta_ids)
+
+    # ------------------------------------------------------------------ convenience
+    def run_until_done(self) -> Iterable[RequestOutput]:
+        """Step until no request is left, yielding every output."""
+        while self.has_unfinished():
+            yield from self.step()

@@ -1,0 +1,74 @@
+"""`LLM`: the offline, batch-in / results-out face of the engine."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .engine import Engine, RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model once, then `generate()` greedily for one prompt or many (run together, continuously batched).
+
+        llm = LLM()                                   # default model; backend/dtype/device picked for the machine
+        out = llm.generate("The capital of France is", max_new_tokens=16)[0]
+        print(out.text, out.finish_reason, out.timings.ttft)
+
+    Arguments are those of `Engine` (model path or None for the default model, dtype, backend, device,
+    max_num_seqs, num_kv_blocks, kv_cache_memory, block_size, debug, ...).
+    """
+
+    def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
+                 debug: bool = False, **engine_kwargs: Any):
+        self.engine = Engine(model, dtype=dtype, backend=backend, device=device, max_num_seqs=max_num_seqs,
+                             num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, block_size=block_size,
+                             debug=debug, **engine_kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]], max_new_tokens: int = 256, *,
+                 stop: str | list[str] | None = None, chat: bool = False, ignore_eos: bool = False,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt; returns the final outputs in the order of the prompts.
+
+        prompts: a str, a list of str, a list of token ids, or a list of lists of token ids.
+        chat: apply the model's chat template to each (text) prompt, as a single user message.
+        sampling_params: one for all prompts or one per prompt, instead of max_new_tokens/stop/ignore_eos.
+        on_output: called with every intermediate output (e.g. to stream `delta_text`).
+        Every prompt is validated before any runs: one bad prompt raises and nothing is generated.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts: expected a str, a list of str, a list of token ids or a list of those; got "
+                             f"{prompts!r}")
+        if sampling_params is None:
+            sampling_params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, ignore_eos=ignore_eos)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: expected {len(prompts)} (one per prompt), got {len(params)}")
+        eng = self.engine
+        seqs = [eng._new_sequence(p, sp, chat=chat) for p, sp in zip(prompts, params)]
+        ids = [eng._enqueue(seq) for seq in seqs]  # all valid: queue them, in order
+        final: dict[Any, RequestOutput] = {}
+        try:
+            while len(final) < len(ids):
+                for out in eng.step():
+                    if on_output is not None:
+                        on_output(out)
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for rid in ids:  # leave the engine clean for the next call
+                if rid not in final and rid in eng._requests:
+                    eng.abort(rid)
+            raise
+        return [final[rid] for rid in ids]

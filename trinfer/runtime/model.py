@@ -1,0 +1,157 @@
+"""The Llama-family decoder (Llama 2/3/3.x, Qwen2, Mistral, SmolLM2, TinyLlama), readable top to bottom.
+
+Matrix products are torch (`F.linear`) on fused weights: one q/k/v matrix (plus bias for Qwen2) and one
+gate/up matrix per layer. Everything else goes through a `Backend`: the Triton kernels of
+`trinfer.triton_kernels`, or their PyTorch references (the CPU default and the oracle for the kernels).
+
+A forward pass takes a flat batch of T tokens (a prefill batch: each sequence's uncached tokens one after
+another; or a decode batch: one token per sequence) with its `AttentionMetadata`, writes their K/V into
+the paged cache and returns the final hidden state of each sequence's last token only.
+
+Per layer:  h -> norm -> qkv -> rotary(q, k) + write k, v to cache -> paged attention -> o_proj
+            -> (+ residual, norm) -> gate_up -> silu(gate) * up -> down -> (+ residual)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention_metadata import AttentionMetadata
+
+BACKENDS = ("triton", "torch")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The non-matmul operations of the model, all with the signatures of `trinfer.triton_kernels`."""
+
+    name: str
+    rms_norm: Callable
+    fused_add_rms_norm: Callable
+    rotary_write_kv_cache: Callable
+    silu_and_mul: Callable
+    paged_prefill_attention: Callable
+    paged_decode_attention: Callable
+    greedy_sample: Callable
+    build_rope_cache: Callable
+
+
+def get_backend(name: str) -> Backend:
+    """`"triton"`: the Triton kernels. `"torch"`: their PyTorch references, which run anywhere."""
+    if name == "triton":
+        from trinfer import triton_kernels as K
+
+        return Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
+                       K.paged_prefill_attention, K.paged_decode_attention, K.greedy_sample, K.build_rope_cache)
+    if name == "torch":
+        from trinfer import triton_kernels as K
+        from trinfer.triton_kernels import references as R
+
+        def rotary_write_kv_cache_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+            R.apply_rotary_ref(q, k, positions, cos_sin_cache)
+            R.write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+        return Backend("torch", R.rms_norm_ref, R.fused_add_rms_norm_ref,
+                       getattr(R, "rotary_write_kv_cache_ref", rotary_write_kv_cache_ref), R.silu_and_mul_ref,
+                       R.paged_prefill_attention_ref, R.paged_decode_attention_ref, R.greedy_sample_ref,
+                       K.build_rope_cache)
+    raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+
+
+def _weight(weights: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if name not in weights:
+        raise ValueError(f"weights: missing tensor {name!r}")
+    w = weights[name]
+    if tuple(w.shape) != shape:
+        raise ValueError(f"weights: {name!r} expected shape {shape}, got {tuple(w.shape)}")
+    return w
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, weights: dict, i: int, backend: Backend):
+        super().__init__()
+        c, p = config, f"layers.{i}."
+        self.ops = backend
+        self.eps = c.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.scale = c.head_dim ** -0.5
+        qkv_rows = self.q_size + 2 * self.kv_size
+        self.register_buffer("input_norm", _weight(weights, p + "input_norm", (c.hidden_size,)))
+        self.register_buffer("qkv_proj", _weight(weights, p + "qkv_proj", (qkv_rows, c.hidden_size)))
+        self.register_buffer("qkv_bias", _weight(weights, p + "qkv_bias", (qkv_rows,)) if c.qkv_bias else None)
+        self.register_buffer("o_proj", _weight(weights, p + "o_proj", (c.hidden_size, self.q_size)))
+        self.register_buffer("post_attn_norm", _weight(weights, p + "post_attn_norm", (c.hidden_size,)))
+        self.register_buffer("gate_up_proj",
+                             _weight(weights, p + "gate_up_proj", (2 * c.intermediate_size, c.hidden_size)))
+        self.register_buffer("down_proj", _weight(weights, p + "down_proj", (c.hidden_size, c.intermediate_size)))
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor, validate: bool):
+        ops = self.ops
+        # Pre-attention norm; from the second layer on, the previous MLP output joins the residual here.
+        if residual is None:
+            residual, x = h, ops.rms_norm(h, self.input_norm, self.eps)
+        else:
+            x = ops.fused_add_rms_norm(h, residual, self.input_norm, self.eps)
+        h = self.attention(x, meta, k_cache, v_cache, rope, validate)
+        x = ops.fused_add_rms_norm(h, residual, self.post_attn_norm, self.eps)
+        h = F.linear(ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        return h, residual
+
+    def attention(self, x, meta: AttentionMetadata, k_cache, v_cache, rope, validate: bool) -> torch.Tensor:
+        ops, T = self.ops, x.shape[0]
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        # Strided views into the fused output: no copies.
+        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        # Rotate q and k in place and store this step's K/V; attention then reads all K/V from the cache.
+        ops.rotary_write_kv_cache(q, k, v, meta.positions, rope, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            o = ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
+                                            self.scale, max_q_len=meta.max_q_len, validate=validate)
+        else:
+            o = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                           validate=validate)
+        return F.linear(o.reshape(T, self.q_size), self.o_proj)
+
+
+class LlamaModel(nn.Module):
+    """Weights come from `trinfer.runtime.loader.load_model_files` (fused names, already on the device in the
+    compute dtype); the rotary table is built once here, with Llama-3 scaling when the config has it."""
+
+    def __init__(self, config, weights: dict, backend: Backend, *, max_positions: int | None = None,
+                 validate: bool = False):
+        super().__init__()
+        c = config
+        self.config = c
+        self.ops = backend
+        self.validate = validate  # device-reading input checks in the kernels (debug mode)
+        self.register_buffer("embed_tokens", _weight(weights, "embed_tokens", (c.vocab_size, c.hidden_size)))
+        self.layers = nn.ModuleList(DecoderLayer(c, weights, i, backend) for i in range(c.num_layers))
+        self.register_buffer("norm", _weight(weights, "norm", (c.hidden_size,)))
+        if c.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.register_buffer("lm_head", _weight(weights, "lm_head", (c.vocab_size, c.hidden_size)))
+        self.register_buffer("rope", backend.build_rope_cache(
+            c.head_dim, max_positions or c.max_position_embeddings, c.rope_theta, c.rope_scaling,
+            device=self.embed_tokens.device))
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+        """Run T tokens through all layers; return the final-norm hidden state `[B, hidden]` of each
+        sequence's last token (prefill) or of each token (decode)."""
+        h, residual = F.embedding(input_ids, self.embed_tokens), None
+        for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v):
+            h, residual = layer(h, residual, meta, k_cache, v_cache, self.rope, self.validate)
+        if meta.logits_indices is not None:  # norm and LM head only where a next token is needed
+            h, residual = h[meta.logits_indices], residual[meta.logits_indices]
+        return self.ops.fused_add_rms_norm(h, residual, self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head)
