@@ -4,5 +4,7 @@ Tests, benchmarks and the runtime's `torch` backend all import these same functi
 casts of the Hugging Face module it stands for, so that it is also the CPU fallback of the runtime.
 """
 from .norm import fused_add_rms_norm_ref, rms_norm_ref
+from .sampling import greedy_sample_ref
 
 __all__ = ["rms_norm_ref", "fused_add_rms_norm_ref"]
+__all__ += ["greedy_sample_ref"]
