@@ -65,6 +65,28 @@ def _resource_usage(cubin: bytes, tag: str) -> dict:
     return dict(regs=reg, stack=stack, static_shared=shared, local=local)
 
 
+def _signature_and_attrs(spec):
+    """Mimic the JIT's specialization: it marks pointers (16-byte aligned, as torch allocates) and integers
+    that are multiples of 16 with `tt.divisibility=16`, which enables vector loads and cp.async/TMA.
+
+    Pointers get it by default ("*fp16"; "*fp16:1" opts out for a possibly misaligned view); integers only
+    when their type says so ("i32:16": a stride or size that is a multiple of 16 at the real shapes).
+    """
+    arg_names = spec.fn.arg_names
+    sig, attrs = {}, {}
+    for name, typ in spec.signature.items():
+        base, _, hint = typ.partition(":")
+        sig[name] = base
+        if (base.startswith("*") and hint != "1") or hint == "16":
+            attrs[(arg_names.index(name),)] = [["tt.divisibility", 16]]
+    # A spec may also list such integers in extra["divisible_by_16"] (e.g. head_dim-multiple strides).
+    for name in spec.extra.get("divisible_by_16", ()):
+        attrs[(arg_names.index(name),)] = [["tt.divisibility", 16]]
+    for k in spec.constexprs:
+        sig[k] = "constexpr"
+    return sig, attrs
+
+
 def compile_one(args):
     index, arch = args
     import triton
@@ -74,10 +96,8 @@ def compile_one(args):
     spec = all_specs()[index]
     row = dict(name=spec.name, arch=arch, num_warps=spec.num_warps, num_stages=spec.num_stages)
     try:
-        sig = dict(spec.signature)
-        for k in spec.constexprs:
-            sig[k] = "constexpr"
-        src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs))
+        sig, attrs = _signature_and_attrs(spec)
+        src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                 options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         row.update(_resource_usage(kernel.asm["cubin"], f"{index}-{arch}"))

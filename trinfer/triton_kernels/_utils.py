@@ -105,7 +105,9 @@ def interpreting() -> bool:
 class AotSpec:
     """One kernel launch configuration to compile ahead of time (see tests/test_compile_check.py).
 
-    `signature` maps every non-constexpr argument to its Triton type ("*fp16", "i32", "fp32", ...);
+    `signature` maps every non-constexpr argument to its Triton type ("*fp16", "i32", "fp32", ...); as the JIT
+    does at run time, pointers are taken as 16-byte aligned ("*fp16:1" opts out) and an integer typed
+    "i32:16" as a multiple of 16 (strides and sizes that are so at the real shapes);
     `constexprs` gives every tl.constexpr argument its value. The wrapper's own launch-config helper must
     produce these values, so that the check compiles what really runs.
     """
