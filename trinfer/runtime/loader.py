@@ -1,0 +1,343 @@
+"""Load a checkpoint: config, weights under trinfer's canonical names (q/k/v and gate/up fused), tokenizer.
+
+    loaded = load_model_files("path/to/hf_dir_or.gguf", device="cuda", dtype=torch.bfloat16)
+    loaded.config, loaded.weights["layers.0.qkv_proj"], loaded.tokenizer.encode("hi")
+
+Sources: a Hugging Face directory (config.json, model.safetensors or shards listed in
+model.safetensors.index.json, tokenizer.json, tokenizer_config.json, generation_config.json), or a .gguf
+file of the `llama` architecture (or a directory holding exactly one). Only safetensors and GGUF are read:
+never pickle, never remote code.
+
+Canonical weights (V vocab, H hidden, I intermediate, nq/nkv heads, hd head_dim):
+    embed_tokens [V, H]   norm [H]   lm_head [V, H] (only when the embeddings are untied)
+    layers.{i}.input_norm [H]           layers.{i}.post_attn_norm [H]
+    layers.{i}.qkv_proj [(nq+2*nkv)*hd, H]   rows q, then k, then v
+    layers.{i}.qkv_bias [(nq+2*nkv)*hd]      only when config.qkv_bias
+    layers.{i}.o_proj [H, nq*hd]
+    layers.{i}.gate_up_proj [2*I, H]         rows gate, then up
+    layers.{i}.down_proj [H, I]
+Weights stream one tensor at a time from the files into their (preallocated) place on the device, so the
+host never holds the checkpoint twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+
+from .config import ModelConfig
+from .tokenizer import Tokenizer
+
+__all__ = ["LoadedModel", "load_model_files", "WeightAssembler", "expected_weight_shapes"]
+
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    source: str  # "safetensors" or "gguf"
+
+
+def load_model_files(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load config, weights (converted to `dtype` on `device`) and tokenizer from `path`.
+
+    progress: show a tqdm bar on stderr when loading takes more than a second.
+    Raises FileNotFoundError for a missing file, ValueError for anything malformed or unsupported.
+    """
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype: expected float32/float16/bfloat16, got {dtype!r}")
+    device = torch.device(device)
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    gguf_file = _gguf_in(path)
+    if gguf_file is not None:
+        from .loader_gguf import load_gguf  # the gguf package is only needed here
+
+        return load_gguf(gguf_file, device=device, dtype=dtype, progress=progress)
+    return _load_hf_dir(path, device=device, dtype=dtype, progress=progress)
+
+
+def _gguf_in(path: str) -> str | None:
+    """The GGUF file `path` names (a file, or a directory with exactly one .gguf), else None."""
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return path
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            return path
+        raise ValueError(
+            f"{path}: expected a Hugging Face model directory or a .gguf file (got a file that is neither)"
+        )
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return os.path.join(path, ggufs[0])
+    if len(ggufs) > 1:
+        raise ValueError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); pass the one to load")
+    raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory) and no .gguf file")
+
+
+# ---------------------------------------------------------------------- assembling canonical weights
+
+
+def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical weight name of `config` and its shape."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv = config.q_size + 2 * config.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (v, h), "norm": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (v, h)
+    for n in range(config.num_layers):
+        p = f"layers.{n}."
+        shapes[p + "input_norm"] = (h,)
+        shapes[p + "qkv_proj"] = (qkv, h)
+        if config.qkv_bias:
+            shapes[p + "qkv_bias"] = (qkv,)
+        shapes[p + "o_proj"] = (h, config.q_size)
+        shapes[p + "post_attn_norm"] = (h,)
+        shapes[p + "gate_up_proj"] = (2 * i, h)
+        shapes[p + "down_proj"] = (h, i)
+    return shapes
+
+
+def _part_rows(config: ModelConfig, part: str) -> tuple[int, int]:
+    """Row range of a fused part: q/k/v in qkv_proj (and qkv_bias), gate/up in gate_up_proj."""
+    q, kv, i = config.q_size, config.kv_size, config.intermediate_size
+    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, i), "up": (i, 2 * i)}[part]
+
+
+class WeightAssembler:
+    """Collects checkpoint tensors one at a time into preallocated canonical tensors on the device.
+
+    put(name, part, tensor, source) copies `tensor` (any dtype, on the host) into canonical weight `name`,
+    whole (part=None) or as its q/k/v/gate/up rows; finish() checks every weight was fully written.
+    `source` (the checkpoint's own tensor name, quoted, and where it is) is what error messages name.
+    """
+
+    def __init__(self, config: ModelConfig, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self._shapes = expected_weight_shapes(config)
+        self._weights: dict[str, torch.Tensor] = {}
+        self._written: dict[str, dict[str | None, str]] = {}  # name -> part -> source
+
+    def put(self, name: str, part: str | None, tensor: torch.Tensor, source: str) -> None:
+        if name not in self._shapes:
+            raise ValueError(f"unexpected tensor {source}: this {self.config.architecture} config has no "
+                             f"weight {name!r}")
+        full = self._shapes[name]
+        if part is None:
+            want = full
+        else:
+            lo, hi = _part_rows(self.config, part)
+            want = (hi - lo, *full[1:])
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"tensor {source}: expected shape {list(want)} (from the model config), got {list(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {source}: expected a floating-point tensor, got {tensor.dtype}")
+        parts = self._written.setdefault(name, {})
+        if part in parts:
+            raise ValueError(f"tensor {source}: given twice (also as {parts[part]})")
+        parts[part] = source
+        dest = self._weights.get(name)
+        if dest is None:
+            dest = self._weights[name] = torch.empty(full, dtype=self.dtype, device=self.device)
+        if part is not None:
+            lo, hi = _part_rows(self.config, part)
+            dest = dest[lo:hi]
+        dest.copy_(tensor)
+
+    def finish(self, source_name_of: dict[tuple[str, str | None], str]) -> dict[str, torch.Tensor]:
+        """The canonical weights; raise naming the first checkpoint tensor that never came.
+
+        source_name_of maps (canonical name, part) to the checkpoint's tensor name, for the error message.
+        """
+        for name in self._shapes:
+            if name.endswith(("qkv_proj", "qkv_bias")):
+                parts: tuple[str | None, ...] = ("q", "k", "v")
+            elif name.endswith("gate_up_proj"):
+                parts = ("gate", "up")
+            else:
+                parts = (None,)
+            for part in parts:
+                if part not in self._written.get(name, {}):
+                    raise ValueError(f"missing tensor {source_name_of.get((name, part), name)!r} in the checkpoint")
+        return self._weights
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, delay=1.0, disable=not enabled,
+                leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------- Hugging Face directories
+
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": ("input_norm", None),
+    "post_attention_layernorm.weight": ("post_attn_norm", None),
+    "self_attn.q_proj.weight": ("qkv_proj", "q"),
+    "self_attn.k_proj.weight": ("qkv_proj", "k"),
+    "self_attn.v_proj.weight": ("qkv_proj", "v"),
+    "self_attn.q_proj.bias": ("qkv_bias", "q"),
+    "self_attn.k_proj.bias": ("qkv_bias", "k"),
+    "self_attn.v_proj.bias": ("qkv_bias", "v"),
+    "self_attn.o_proj.weight": ("o_proj", None),
+    "mlp.gate_proj.weight": ("gate_up_proj", "gate"),
+    "mlp.up_proj.weight": ("gate_up_proj", "up"),
+    "mlp.down_proj.weight": ("down_proj", None),
+}
+_HF_TOP_NAMES = {
+    "model.embed_tokens.weight": ("embed_tokens", None),
+    "model.norm.weight": ("norm", None),
+    "lm_head.weight": ("lm_head", None),
+}
+
+
+def hf_canonical_name(hf_name: str, config: ModelConfig) -> tuple[str, str | None] | None:
+    """(canonical name, part) of a Hugging Face tensor name; None for tensors that carry no weights."""
+    if hf_name in _HF_TOP_NAMES:
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            return None  # some tied checkpoints also store the (identical) head
+        return _HF_TOP_NAMES[hf_name]
+    match = _HF_LAYER.fullmatch(hf_name)
+    if match is not None:
+        layer, rest = int(match.group(1)), match.group(2)
+        if rest == "self_attn.rotary_emb.inv_freq":
+            return None  # a buffer older transformers saved; recomputed from the config
+        if rest in _HF_LAYER_NAMES and layer < config.num_layers:
+            name, part = _HF_LAYER_NAMES[rest]
+            return f"layers.{layer}.{name}", part
+    raise ValueError(f"unexpected tensor {hf_name!r} in the checkpoint (not part of a {config.architecture} "
+                     f"with {config.num_layers} layers and the options in config.json)")
+
+
+def _hf_source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
+    names = {canon: hf for hf, canon in _HF_TOP_NAMES.items()}
+    for n in range(config.num_layers):
+        for rest, (name, part) in _HF_LAYER_NAMES.items():
+            names[(f"layers.{n}.{name}", part)] = f"model.layers.{n}.{rest}"
+    return names
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.path.dirname(path) or '.'}: missing {what} ({os.path.basename(path)})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The safetensors files of a Hugging Face directory, in load order; checks that every shard exists."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file)")
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            file = os.path.join(path, shard)
+            if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
+                raise ValueError(f"{index}: shard name {shard!r} is not a .safetensors file in the directory")
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path}: missing shard {shard!r} listed in model.safetensors.index.json")
+            files.append(file)
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(found) == 1:
+        return [os.path.join(path, found[0])]
+    if not found:
+        bins = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
+        hint = f" (found {', '.join(bins)}: pickle checkpoints are not loaded, for safety)" if bins else ""
+        raise FileNotFoundError(f"{path}: no model.safetensors{hint}")
+    raise ValueError(f"{path}: {len(found)} .safetensors files but no model.safetensors.index.json")
+
+
+def _open_safetensors(file: str):
+    from safetensors import safe_open
+
+    size = os.path.getsize(file)
+    if size < 8:
+        raise ValueError(f"{file}: truncated safetensors file ({size} bytes; the header length alone is 8)")
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    if header_len > size - 8:
+        raise ValueError(f"{file}: truncated or corrupted safetensors header (declares {header_len} header "
+                         f"bytes, the file has {size - 8} after the length)")
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError is not importable under one name across versions
+        raise ValueError(f"{file}: not a valid safetensors file ({exc})") from exc
+
+
+def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    for file in files:
+        with _open_safetensors(file) as f:
+            for key in f.keys():
+                try:
+                    tensor = f.get_tensor(key)
+                except Exception as exc:
+                    raise ValueError(f"{file}: cannot read tensor {key!r} ({exc}); the file may be truncated") from exc
+                yield file, key, tensor
+
+
+def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool) -> LoadedModel:
+    raw = _read_json(os.path.join(path, "config.json"), "config.json")
+    gen_file = os.path.join(path, "generation_config.json")
+    generation = _read_json(gen_file, "generation_config.json") if os.path.isfile(gen_file) else None
+    config = ModelConfig.from_hf(raw, generation)
+    tokenizer = Tokenizer.from_hf_dir(path, eos_token_ids=config.eos_token_ids)
+    config = _with_tokenizer_eos(config, tokenizer)
+
+    files = safetensors_files(path)
+    counts = []
+    for file in files:  # validate every header before allocating anything
+        with _open_safetensors(file) as f:
+            counts.append(len(list(f.keys())))
+    assembler = WeightAssembler(config, device=device, dtype=dtype)
+    with _progress(sum(counts), f"loading {os.path.basename(os.path.abspath(path))}", progress) as bar:
+        for file, key, tensor in _iter_safetensors(files):
+            target = hf_canonical_name(key, config)
+            if target is not None:
+                assembler.put(target[0], target[1], tensor, f"{key!r} in {os.path.basename(file)}")
+            del tensor
+            bar.update(1)
+    weights = assembler.finish(_hf_source_names(config))
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source="safetensors")
+
+
+def _with_tokenizer_eos(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The config with the tokenizer's eos ids added, so config and tokenizer agree on what ends a sequence."""
+    extra = tuple(t for t in tokenizer.eos_token_ids if t not in config.eos_token_ids and t < config.vocab_size)
+    if config.bos_token_id is None and tokenizer.bos_token_id is not None and tokenizer.bos_token_id < config.vocab_size:
+        config = replace(config, bos_token_id=tokenizer.bos_token_id)
+    return replace(config, eos_token_ids=config.eos_token_ids + extra) if extra else config

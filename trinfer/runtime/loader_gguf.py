@@ -1,0 +1,414 @@
+"""Load a GGUF file of the `llama` architecture (SmolLM2, TinyLlama, Llama 2/3, Mistral as llama.cpp writes them).
+
+The file is parsed here (the GGUF v2/v3 layout: header, metadata, tensor directory, aligned data), so the
+`gguf` package is not needed at run time; tests check this reader against it. Tensors are dequantized by
+the torch code below (F32, F16, BF16, Q8_0, Q4_0, Q4_1) on the target device,
+then brought to Hugging Face's layout:
+- GGUF lists dims innermost first: a [ne0=H, ne1=V] tensor is the [V, H] matrix Hugging Face stores.
+- llama.cpp's converter reorders the rows of q_proj and k_proj within each head, from rotate_half's
+  [first halves | second halves] to interleaved pairs, for its RoPE. `unpermute_rows` undoes it (nq heads
+  for q, nkv heads for k), so the model applies the same half-split RoPE as for safetensors.
+- Llama-3.1-style rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors; it is
+  matched against the llama3 formula to recover Hugging Face's rope_scaling dict, and refused otherwise.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .loader import LoadedModel, WeightAssembler, _progress, _with_tokenizer_eos
+from .tokenizer import Tokenizer
+
+__all__ = ["load_gguf", "read_gguf", "GGUFFile", "GGUFTensor", "dequantize", "unpermute_rows", "gguf_config"]
+
+# ggml tensor types trinfer reads: id -> (name, elements per block, bytes per block)
+GGML_TYPES = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    8: ("Q8_0", 32, 34),
+    30: ("BF16", 1, 2),
+}
+
+_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+_LAYER_NAMES = {
+    "attn_norm.weight": ("input_norm", None),
+    "ffn_norm.weight": ("post_attn_norm", None),
+    "attn_q.weight": ("qkv_proj", "q"),
+    "attn_k.weight": ("qkv_proj", "k"),
+    "attn_v.weight": ("qkv_proj", "v"),
+    "attn_output.weight": ("o_proj", None),
+    "ffn_gate.weight": ("gate_up_proj", "gate"),
+    "ffn_up.weight": ("gate_up_proj", "up"),
+    "ffn_down.weight": ("down_proj", None),
+}
+_TOP_NAMES = {
+    "token_embd.weight": ("embed_tokens", None),
+    "output_norm.weight": ("norm", None),
+    "output.weight": ("lm_head", None),
+}
+
+
+# ---------------------------------------------------------------------- dequantization
+
+
+def _f16(raw: torch.Tensor) -> torch.Tensor:
+    """[blocks, 2] uint8 (little-endian fp16) -> [blocks, 1] float32."""
+    return raw.contiguous().view(torch.float16).float()
+
+
+def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Dequantize one GGUF tensor to float32 of `shape` (torch order: rows first).
+
+    raw: the tensor's bytes as uint8 (1-D), on any device; the math runs there.
+    Q8_0 block (32 values): fp16 scale d, 32 int8 q; x = d*q.
+    Q4_0 block: fp16 d, 16 bytes of 4-bit q (byte j: element j in the low nibble, j+16 in the high one);
+    x = d*(q-8).   Q4_1 block: fp16 d, fp16 m, 16 bytes as Q4_0; x = d*q + m.
+    """
+    if ggml_type not in GGML_TYPES:
+        raise ValueError(f"ggml type {ggml_type} is not supported; supported: "
+                         f"{', '.join(name for name, _, _ in GGML_TYPES.values())}")
+    name, block, nbytes = GGML_TYPES[ggml_type]
+    n = math.prod(shape)
+    if n % block != 0 or raw.numel() != n // block * nbytes:
+        raise ValueError(f"{name} tensor of shape {list(shape)}: expected {n // block * nbytes} bytes, got {raw.numel()}")
+    raw = raw.reshape(-1)
+    if name == "F32":
+        return raw.view(torch.float32).reshape(shape)
+    if name == "F16":
+        return raw.view(torch.float16).float().reshape(shape)
+    if name == "BF16":
+        return raw.view(torch.bfloat16).float().reshape(shape)
+    blocks = raw.view(-1, nbytes)
+    if name == "Q8_0":
+        out = blocks[:, 2:].contiguous().view(torch.int8).float()
+        out.mul_(_f16(blocks[:, 0:2]))
+        return out.reshape(shape)
+    qs = blocks[:, nbytes - 16:]
+    out = torch.empty(blocks.shape[0], 32, dtype=torch.float32, device=raw.device)
+    torch.bitwise_and(qs, 0x0F, out=out[:, :16])
+    torch.bitwise_right_shift(qs, 4, out=out[:, 16:])
+    if name == "Q4_0":
+        out.sub_(8.0).mul_(_f16(blocks[:, 0:2]))
+    else:  # Q4_1
+        out.mul_(_f16(blocks[:, 0:2])).add_(_f16(blocks[:, 2:4]))
+    return out.reshape(shape)
+
+
+def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: per head, interleaved pairs (0,hd/2),(1,hd/2+1).. -> [halves].
+
+    w: [n_heads*head_dim, ...] (a weight matrix or a bias). Returns a new tensor of the same shape.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads) != 0:
+        raise ValueError(f"cannot unpermute {rows} rows into {n_heads} heads of an even head_dim")
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------------- reading the file
+
+# GGUF metadata value types: id -> numpy dtype (8 is a string, 9 an array).
+_VALUE_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+                 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # torch order (rows first): GGUF's dims reversed
+    offset: int             # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.ggml_type][0] if self.ggml_type in GGML_TYPES else f"ggml type {self.ggml_type}"
+
+
+class _Cursor:
+    """Little-endian reads from the memory map, with an error naming the file when it ends early."""
+
+    def __init__(self, buf: mmap.mmap, path: str) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def _need(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise ValueError(f"{self.path}: truncated GGUF file (metadata runs past the end at byte {self.size})")
+
+    def scalar(self, fmt: str, n: int):
+        self._need(n)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q", 8)
+        self._need(n)
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{self.path}: a metadata string is not valid UTF-8 ({exc})") from exc
+
+    def value(self, kind: int):
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.scalar("<I", 4), self.scalar("<Q", 8)
+            if item == _STRING:
+                return [self.string() for _ in range(count)]
+            if item == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(count)]
+            dtype = self._dtype(item)
+            self._need(count * dtype.itemsize)
+            values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+            self.pos += count * dtype.itemsize
+            return values.astype(bool).tolist() if item == _BOOL else values.tolist()
+        dtype = self._dtype(kind)
+        self._need(dtype.itemsize)
+        value = np.frombuffer(self.buf, dtype=dtype, count=1, offset=self.pos)[0].item()
+        self.pos += dtype.itemsize
+        return bool(value) if kind == _BOOL else value
+
+    def _dtype(self, kind: int) -> np.dtype:
+        if kind not in _VALUE_DTYPES:
+            raise ValueError(f"{self.path}: corrupted GGUF metadata (unknown value type {kind} at byte {self.pos})")
+        return np.dtype(_VALUE_DTYPES[kind])
+
+
+class GGUFFile:
+    """A GGUF file's metadata (plain Python values) and tensor directory, over a read-only memory map.
+
+    raw(tensor) gives a tensor's bytes as a uint8 torch tensor without copying them.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:4] != b"GGUF":
+                raise ValueError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+            if size < 24:
+                raise ValueError(f"{path}: truncated GGUF file ({size} bytes)")
+            version = int.from_bytes(head[4:8], "little")
+            if version not in (2, 3):
+                hint = " (a big-endian file?)" if int.from_bytes(head[4:8], "big") in (2, 3) else ""
+                raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}")
+            # Copy-on-write: torch can view the bytes without a read-only warning; nothing goes back to disk.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        cur = _Cursor(self._map, path)
+        cur.pos = 8
+        n_tensors, n_kv = cur.scalar("<Q", 8), cur.scalar("<Q", 8)
+        if n_tensors > size or n_kv > size:
+            raise ValueError(f"{path}: corrupted GGUF header ({n_tensors} tensors, {n_kv} metadata entries)")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            self.metadata[key] = cur.value(cur.scalar("<I", 4))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.scalar("<I", 4)
+            if n_dims > 8:
+                raise ValueError(f"{path}: corrupted GGUF tensor info for {name!r} ({n_dims} dims)")
+            dims = [cur.scalar("<Q", 8) for _ in range(n_dims)]
+            infos.append((name, dims, cur.scalar("<I", 4), cur.scalar("<Q", 8)))
+        alignment = int(self.metadata.get("general.alignment", 32))
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"{path}: general.alignment {alignment} is not a power of two")
+        data_start = (cur.pos + alignment - 1) // alignment * alignment
+        self.tensors: dict[str, GGUFTensor] = {}
+        for name, dims, ggml_type, offset in infos:
+            if name in self.tensors:
+                raise ValueError(f"{path}: tensor {name!r} appears twice")
+            n = math.prod(dims)
+            if ggml_type in GGML_TYPES:
+                _, block, block_bytes = GGML_TYPES[ggml_type]
+                nbytes = n // block * block_bytes
+            else:
+                nbytes = 0  # refused when (and only if) the tensor is used
+            t = GGUFTensor(name, ggml_type, tuple(reversed(dims)), data_start + offset, nbytes)
+            if t.offset + t.nbytes > size:
+                raise ValueError(f"{path}: truncated GGUF file (tensor {name!r} ends at byte "
+                                 f"{t.offset + t.nbytes}, the file has {size})")
+            self.tensors[name] = t
+
+    def raw(self, t: GGUFTensor) -> torch.Tensor:
+        if t.ggml_type not in GGML_TYPES:
+            raise ValueError(f"{self.path}: tensor {t.name!r} is stored as {t.type_name}; supported: "
+                             f"{', '.join(n for n, _, _ in GGML_TYPES.values())}")
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a tensor still views the map; it closes when that is gone
+
+
+def read_gguf(path: str) -> GGUFFile:
+    """Parse a GGUF file's header (metadata and tensor directory); tensors stay on disk until read."""
+    return GGUFFile(path)
+
+
+def _meta_int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise ValueError(f"GGUF: missing metadata {key!r}")
+    if isinstance(value, list):
+        raise ValueError(f"GGUF: metadata {key!r} varies per layer ({value[:4]}...); not supported")
+    return int(value)
+
+
+def _llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
+    """The per-frequency divisors llama.cpp stores as rope_freqs.weight for Llama-3 rope scaling."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    out = np.where(wavelen < original / high, 1.0,
+                   np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return out
+
+
+def _rope_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """Recover the llama3 rope_scaling dict whose factors llama.cpp stored; refuse anything else."""
+    if factors.shape != (head_dim // 2,):
+        raise ValueError(f"GGUF: rope_freqs.weight has shape {list(factors.shape)}, expected [{head_dim // 2}]")
+    factor = float(factors.max())
+    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)):
+            want = _llama3_rope_factors(theta, head_dim, factor, low, high, original)
+            if np.allclose(factors, want, rtol=1e-4, atol=1e-6):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                        "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise ValueError("GGUF: rope_freqs.weight holds rope frequency factors that are not Llama-3 rope scaling; "
+                     "this rope variant is not supported")
+
+
+def gguf_config(gguf: GGUFFile) -> ModelConfig:
+    """ModelConfig from `llama.*` metadata (and the tensors' presence: output.weight, rope_freqs.weight)."""
+    meta, tensors = gguf.metadata, gguf.tensors
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF: architecture {arch!r} is not supported; only 'llama' GGUF files can be loaded")
+    if meta.get("llama.expert_count"):
+        raise ValueError(f"GGUF: llama.expert_count={meta['llama.expert_count']}: mixture-of-experts is not supported")
+    hidden = _meta_int(meta, "llama.embedding_length")
+    heads = _meta_int(meta, "llama.attention.head_count")
+    kv_heads = _meta_int(meta, "llama.attention.head_count_kv", heads)
+    if heads <= 0 or (hidden % heads != 0 and "llama.attention.key_length" not in meta):
+        raise ValueError(f"GGUF: embedding_length {hidden} is not a multiple of head_count {heads}")
+    head_dim = _meta_int(meta, "llama.attention.key_length", hidden // max(heads, 1))
+    value_dim = _meta_int(meta, "llama.attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise ValueError(f"GGUF: llama.attention.value_length {value_dim} != key_length {head_dim}: not supported")
+    rot = _meta_int(meta, "llama.rope.dimension_count", head_dim)
+    if rot != head_dim:
+        raise ValueError(f"GGUF: llama.rope.dimension_count {rot} < head_dim {head_dim}: partial rotary is not supported")
+    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = _meta_int(meta, "llama.vocab_size", len(tokens) if tokens is not None else None)
+
+    scaling = None
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind == "linear":
+        scaling = {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+    elif "llama.rope.scale_linear" in meta:  # older files
+        scaling = {"rope_type": "linear", "factor": float(meta["llama.rope.scale_linear"])}
+    elif kind != "none":
+        raise ValueError(f"GGUF: llama.rope.scaling.type {kind!r} is not supported; supported: none, linear")
+    if "rope_freqs.weight" in tensors:
+        if scaling is not None:
+            raise ValueError("GGUF: both rope_freqs.weight and linear rope scaling; not supported")
+        t = tensors["rope_freqs.weight"]
+        factors = dequantize(gguf.raw(t), t.ggml_type, t.shape).double().numpy()
+        scaling = _rope_scaling_from_freqs(factors, theta, head_dim)
+
+    eos = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if meta.get(key) is not None and int(meta[key]) not in eos:
+            eos.append(int(meta[key]))
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_meta_int(meta, "llama.feed_forward_length"),
+        num_layers=_meta_int(meta, "llama.block_count"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=_meta_int(meta, "llama.context_length"),
+        tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias=False,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(eos),
+        checkpoint_dtype=torch.float32,
+    )
+
+
+def gguf_canonical_name(name: str, config: ModelConfig) -> tuple[str, str | None] | None:
+    """(canonical name, part) of a GGUF tensor name; None for rope_freqs (read into the config)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    if name == "rope_freqs.weight":
+        return None
+    match = _LAYER.fullmatch(name)
+    if match is not None and int(match.group(1)) < config.num_layers and match.group(2) in _LAYER_NAMES:
+        canon, part = _LAYER_NAMES[match.group(2)]
+        return f"layers.{match.group(1)}.{canon}", part
+    raise ValueError(f"GGUF: unexpected tensor {name!r} (not part of a llama model with {config.num_layers} layers)")
+
+
+def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
+    names = {canon: name for name, canon in _TOP_NAMES.items()}
+    for n in range(config.num_layers):
+        for rest, (canon, part) in _LAYER_NAMES.items():
+            names[(f"layers.{n}.{canon}", part)] = f"blk.{n}.{rest}"
+    return names
+
+
+def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool = True) -> LoadedModel:
+    """Config, canonical weights and tokenizer of a llama GGUF file (see load_model_files)."""
+    gguf = read_gguf(path)
+    try:
+        config = gguf_config(gguf)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, eos_token_ids=config.eos_token_ids)
+        config = _with_tokenizer_eos(config, tokenizer)
+        assembler = WeightAssembler(config, device=device, dtype=dtype)
+        with _progress(len(gguf.tensors), f"loading {os.path.basename(path)}", progress) as bar:
+            for t in gguf.tensors.values():
+                target = gguf_canonical_name(t.name, config)
+                if target is not None:
+                    # One tensor's bytes at a time leave the memory map; dequantization runs on the device.
+                    weight = dequantize(gguf.raw(t).to(device), t.ggml_type, t.shape)
+                    if target[1] == "q":
+                        weight = unpermute_rows(weight, config.num_heads)
+                    elif target[1] == "k":
+                        weight = unpermute_rows(weight, config.num_kv_heads)
+                    assembler.put(target[0], target[1], weight, repr(t.name))
+                    del weight
+                bar.update(1)
+        weights = assembler.finish(_source_names(config))
+    finally:
+        gguf.close()
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source="gguf")
