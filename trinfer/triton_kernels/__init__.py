@@ -5,10 +5,14 @@ Every function here validates its inputs, runs a @triton.jit kernel through a to
 On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before this package is imported).
 """
 from .rms_norm import fused_add_rms_norm, rms_norm
+from .rotary import apply_rotary, build_rope_cache, rotary_write_kv_cache
 from .sampling import greedy_sample
 
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
+    "apply_rotary",
+    "rotary_write_kv_cache",
+    "build_rope_cache",
     "greedy_sample",
 ]
