@@ -1,0 +1,76 @@
+"""The one table of real model shapes and sweep sizes that every benchmark uses.
+
+Numbers are those of the published Hugging Face configs (config.json) of each model. Benchmarks take their
+sizes from here and nowhere else, so "Llama-3-8B, batch 64" means the same tensor shapes in every table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    name: str
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    n_layers: int
+    rope_theta: float
+    rms_eps: float = 1e-5
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+SMOLLM2_135M = ModelShape("SmolLM2-135M", hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,
+                          vocab=49152, n_layers=30, rope_theta=100000.0)
+LLAMA_3_2_1B = ModelShape("Llama-3.2-1B", hidden=2048, n_heads=32, n_kv_heads=8, head_dim=64, intermediate=8192,
+                          vocab=128256, n_layers=16, rope_theta=500000.0)
+LLAMA_3_8B = ModelShape("Llama-3-8B", hidden=4096, n_heads=32, n_kv_heads=8, head_dim=128, intermediate=14336,
+                        vocab=128256, n_layers=32, rope_theta=500000.0)
+
+# A toy shape for --tiny / --cpu-smoke runs (the Triton interpreter costs ~3 ms per program loop trip):
+# GQA group 2, head_dim 64 (what the attention kernels serve), everything else small.
+TINY = ModelShape("tiny", hidden=128, n_heads=4, n_kv_heads=2, head_dim=64, intermediate=96, vocab=1000,
+                  n_layers=2, rope_theta=10000.0)
+
+MODELS: tuple[ModelShape, ...] = (SMOLLM2_135M, LLAMA_3_2_1B, LLAMA_3_8B)
+MODELS_BY_NAME = {m.name: m for m in MODELS + (TINY,)}
+
+# --quick (the GPU check): the two shapes the end-to-end decode benchmark runs.
+QUICK_MODELS: tuple[ModelShape, ...] = (LLAMA_3_2_1B, LLAMA_3_8B)
+
+# Token counts. Decode: one token per sequence, batch 1/8/64. Prefill: a prompt's tokens in one call.
+DECODE_BATCHES = (1, 8, 64)
+PREFILL_TOKENS = (512, 4096)
+QUICK_DECODE_BATCHES = (1, 64)
+QUICK_PREFILL_TOKENS = (4096,)
+
+# Attention contexts (KV length per sequence).
+CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+QUICK_CONTEXTS = (1024, 8192, 32768)
+PREFILL_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+QUICK_PREFILL_CONTEXTS = (1024, 8192)
+
+# KV cache paging.
+BLOCK_SIZE = 16
+
+# --tiny / --cpu-smoke sizes.
+TINY_BATCHES = (1, 3)
+TINY_TOKENS = (5,)
+TINY_CONTEXTS = (17, 40)
+
+
+def model(name: str) -> ModelShape:
+    try:
+        return MODELS_BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"model: expected one of {sorted(MODELS_BY_NAME)}, got {name!r}") from None
