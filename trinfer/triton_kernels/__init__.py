@@ -4,6 +4,7 @@ Every function here validates its inputs, runs a @triton.jit kernel through a to
 (`torch.ops.trinfer.*`), and has a plain-PyTorch fp32 reference in `trinfer.triton_kernels.references`.
 On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before this package is imported).
 """
+from .activation import silu_and_mul
 from .rms_norm import fused_add_rms_norm, rms_norm
 from .rotary import apply_rotary, build_rope_cache, rotary_write_kv_cache
 from .sampling import greedy_sample
@@ -11,6 +12,7 @@ from .sampling import greedy_sample
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
+    "silu_and_mul",
     "apply_rotary",
     "rotary_write_kv_cache",
     "build_rope_cache",

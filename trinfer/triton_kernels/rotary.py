@@ -133,7 +133,7 @@ def _launch(q, k, positions, cos_sin_cache, v=None, k_cache=None, v_cache=None, 
     if not write:  # placeholders of the right types, never read without WRITE_CACHE
         v, k_cache, v_cache, slot_mapping = k, k, k, positions
         cache_strides = (0, 0, 0, 0, 0, 0)
-        block_size = 1
+        block_size = 16  # placeholder (unused), the value real caches have
     else:
         cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
         block_size = k_cache.shape[1]
@@ -280,15 +280,18 @@ def aot_specs(models=AOT_MODELS, dtypes=FLOAT_DTYPES) -> list[AotSpec]:
                 specs.append(AotSpec(
                     name=f"rotary[h={n_q}/{n_kv},d={head_dim},{TRITON_DTYPE[dtype]},{idx[1:]},cache={int(write)}]",
                     fn=rotary_kernel,
+                    # Fused-qkv views, the table and a contiguous cache: every stride is a multiple of
+                    # head_dim, hence of 16 ("i32:16", as the JIT specializes it); half is when head_dim % 32 == 0.
                     signature={
-                        "q_ptr": t, "q_tok_stride": "i32", "q_head_stride": "i32", "n_q_heads": "i32",
-                        "k_ptr": t, "k_tok_stride": "i32", "k_head_stride": "i32", "n_kv_heads": "i32",
-                        "pos_ptr": idx, "cos_sin_ptr": "*fp32", "cos_sin_stride": "i32", "half": "i32",
-                        "v_ptr": t, "v_tok_stride": "i32", "v_head_stride": "i32",
+                        "q_ptr": t, "q_tok_stride": "i32:16", "q_head_stride": "i32:16", "n_q_heads": "i32",
+                        "k_ptr": t, "k_tok_stride": "i32:16", "k_head_stride": "i32:16", "n_kv_heads": "i32",
+                        "pos_ptr": idx, "cos_sin_ptr": "*fp32", "cos_sin_stride": "i32:16",
+                        "half": "i32:16" if head_dim % 32 == 0 else "i32",
+                        "v_ptr": t, "v_tok_stride": "i32:16", "v_head_stride": "i32:16",
                         "slot_ptr": idx, "k_cache_ptr": t, "v_cache_ptr": t,
-                        "kc_block_stride": "i32", "kc_slot_stride": "i32", "kc_head_stride": "i32",
-                        "vc_block_stride": "i32", "vc_slot_stride": "i32", "vc_head_stride": "i32",
-                        "block_size": "i32",
+                        "kc_block_stride": "i32:16", "kc_slot_stride": "i32:16", "kc_head_stride": "i32:16",
+                        "vc_block_stride": "i32:16", "vc_slot_stride": "i32:16", "vc_head_stride": "i32:16",
+                        "block_size": "i32:16",
                     },
                     constexprs={"BLOCK_HQ": cfg["block_hq"], "BLOCK_HK": cfg["block_hk"], "BLOCK_D": cfg["block_d"],
                                 "WRITE_CACHE": write},

@@ -135,6 +135,11 @@ def greedy_sample(
     return out
 
 
+def _i32(values) -> str:
+    """AOT type of an i32 argument taking these values: "i32:16" when the JIT would mark all divisible by 16."""
+    return "i32:16" if all(v % 16 == 0 for v in values) else "i32"
+
+
 def aot_specs(vocab_sizes=(32000, 49152, 128256, 151936), dtypes=FLOAT_DTYPES) -> list[AotSpec]:
     """The launch configurations `greedy_sample` picks for real vocabulary sizes (each distinct one once)."""
     partial, reduce = {}, {}
@@ -149,8 +154,11 @@ def aot_specs(vocab_sizes=(32000, 49152, 128256, 151936), dtypes=FLOAT_DTYPES) -
         specs.append(AotSpec(
             name=f"greedy_sample_partial[v={'/'.join(map(str, vocabs))},{TRITON_DTYPE[dtype]},lp={int(with_lp)}]",
             fn=greedy_sample_partial_kernel,
-            signature={"logits_ptr": "*" + TRITON_DTYPE[dtype], "logits_row_stride": "i32", "vocab": "i32",
-                       "part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "part_sum_ptr": "*fp32", "n_chunks": "i32"},
+            # A contiguous [batch, vocab] row stride is vocab; "i32:16" where the JIT would mark it so. The
+            # logprob partials start batch * n_chunks floats into the scratch buffer: maybe not 16-byte aligned.
+            signature={"logits_ptr": "*" + TRITON_DTYPE[dtype], "logits_row_stride": _i32(vocabs),
+                       "vocab": _i32(vocabs), "part_max_ptr": "*fp32", "part_idx_ptr": "*i32",
+                       "part_sum_ptr": "*fp32:1", "n_chunks": "i32"},
             constexprs={"BLOCK": block, "WITH_LOGPROBS": with_lp},
             num_warps=warps,
         ))
@@ -158,7 +166,7 @@ def aot_specs(vocab_sizes=(32000, 49152, 128256, 151936), dtypes=FLOAT_DTYPES) -
         specs.append(AotSpec(
             name=f"greedy_sample_reduce[v={'/'.join(map(str, vocabs))},lp={int(with_lp)}]",
             fn=greedy_sample_reduce_kernel,
-            signature={"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "part_sum_ptr": "*fp32", "n_chunks": "i32",
+            signature={"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "part_sum_ptr": "*fp32:1", "n_chunks": "i32",
                        "ids_ptr": "*i64", "ids_stride": "i32", "logprobs_ptr": "*fp32", "logprobs_stride": "i32"},
             constexprs={"BLOCK_C": block_c, "WITH_LOGPROBS": with_lp},
             num_warps=warps,

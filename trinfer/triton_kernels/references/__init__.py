@@ -4,9 +4,11 @@ Tests, benchmarks and the runtime's `torch` backend all import these same functi
 casts of the Hugging Face module it stands for, so that it is also the CPU fallback of the runtime.
 """
 from .norm import fused_add_rms_norm_ref, rms_norm_ref
+from .activation import silu_and_mul_ref
 from .rotary import apply_rotary_ref, rotary_write_kv_cache_ref
 from .sampling import greedy_sample_ref
 
 __all__ = ["rms_norm_ref", "fused_add_rms_norm_ref"]
 __all__ += ["greedy_sample_ref"]
 __all__ += ["apply_rotary_ref", "rotary_write_kv_cache_ref"]
+__all__ += ["silu_and_mul_ref"]
