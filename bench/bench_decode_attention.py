@@ -143,7 +143,7 @@ def _flex_builder():
         from torch.nn.attention.flex_attention import flex_attention
 
         if not holder:
-            holder.append(torch.compile(flex_attention, dynamic=False))
+            holder.append(torch.compile(flex_attention))
         flex = holder[0]
         b, hq, d = i["q"].shape
         k, v = gather_contiguous_kv(i["k_cache"], i["v_cache"], i["block_tables"], [i["context"]] * b)
@@ -161,7 +161,8 @@ def library_providers() -> list[H.Provider]:
         H.Provider("sdpa_flash", _sdpa_builder("FLASH_ATTENTION"), "library", requires_cuda=True, note=note),
         H.Provider("sdpa_cudnn", _sdpa_builder("CUDNN_ATTENTION"), "library", requires_cuda=True, note=note),
         H.Provider("sdpa_efficient", _sdpa_builder("EFFICIENT_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("flex_attention", _flex_builder(), "library", requires_cuda=True, note=note + "; torch.compile"),
+        H.Provider("flex_attention", _flex_builder(), "library", requires_cuda=True, note=note + "; torch.compile",
+                   costly=True),
     ]
 
 

@@ -51,7 +51,7 @@ def _make(device, dtype, m: S.ModelShape, decode: bool, n: int, context: int, bl
 
 
 def cases(size: str, dtype: torch.dtype) -> list[H.Case]:
-    models = H.size_set(size, S.MODELS, S.QUICK_MODELS, (S.TINY,))
+    models = H.size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
     batches = H.size_set(size, S.DECODE_BATCHES, S.QUICK_DECODE_BATCHES, S.TINY_BATCHES)
     prompts = H.size_set(size, S.PREFILL_TOKENS, S.QUICK_PREFILL_TOKENS, S.TINY_TOKENS)
     context = 4096 if size != "tiny" else 40

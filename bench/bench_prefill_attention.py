@@ -150,7 +150,7 @@ def _flex_builder():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         if not holder:
-            holder.append(torch.compile(flex_attention, dynamic=False))
+            holder.append(torch.compile(flex_attention))
         flex = holder[0]
         q4, k, v = _contiguous(i)
         q_len, kv_len, scale = i["q_len"], i["kv_len"], i["scale"]
@@ -172,7 +172,8 @@ def library_providers() -> list[H.Provider]:
         H.Provider("sdpa_flash", _sdpa_builder("FLASH_ATTENTION"), "library", requires_cuda=True, note=note),
         H.Provider("sdpa_cudnn", _sdpa_builder("CUDNN_ATTENTION"), "library", requires_cuda=True, note=note),
         H.Provider("sdpa_efficient", _sdpa_builder("EFFICIENT_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("flex_attention", _flex_builder(), "library", requires_cuda=True, note=note + "; torch.compile"),
+        H.Provider("flex_attention", _flex_builder(), "library", requires_cuda=True, note=note + "; torch.compile",
+                   costly=True),
     ]
 
 

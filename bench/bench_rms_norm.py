@@ -32,7 +32,7 @@ def fused_add_rms_norm_bytes(rows: int, hidden: int, elem: int) -> int:
 
 def _cases(fused: bool):
     def cases(size: str, dtype: torch.dtype) -> list[H.Case]:
-        models = H.size_set(size, S.MODELS, S.QUICK_MODELS, (S.TINY,))
+        models = H.size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
         rows_list = H.size_set(size, S.DECODE_BATCHES + S.PREFILL_TOKENS,
                                S.QUICK_DECODE_BATCHES + S.QUICK_PREFILL_TOKENS, S.TINY_BATCHES + S.TINY_TOKENS)
         out = []

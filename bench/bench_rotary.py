@@ -68,7 +68,7 @@ def _make(device, dtype, m: S.ModelShape, decode: bool, n: int, with_cache: bool
 
 def _cases(fused: bool):
     def cases(size: str, dtype: torch.dtype) -> list[H.Case]:
-        models = H.size_set(size, S.MODELS, S.QUICK_MODELS, (S.TINY,))
+        models = H.size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
         batches = H.size_set(size, S.DECODE_BATCHES, S.QUICK_DECODE_BATCHES, S.TINY_BATCHES)
         prompts = H.size_set(size, S.PREFILL_TOKENS, S.QUICK_PREFILL_TOKENS, S.TINY_TOKENS)
         count = rotary_write_kv_cache_bytes if fused else apply_rotary_bytes

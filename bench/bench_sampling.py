@@ -29,7 +29,7 @@ def greedy_sample_bytes(batch: int, vocab: int, elem: int, logprobs: bool) -> in
 
 
 def _vocabs(size: str) -> list[tuple[str, int]]:
-    models = H.size_set(size, S.MODELS, S.QUICK_MODELS, (S.TINY,))
+    models = H.size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
     seen: dict[int, str] = {}
     for m in models:
         seen.setdefault(m.vocab, m.name)
@@ -93,7 +93,7 @@ def lm_head_greedy_bytes(batch: int, hidden: int, vocab: int, elem: int) -> int:
 
 
 def _lm_head_cases(size: str, dtype: torch.dtype) -> list[H.Case]:
-    models = H.size_set(size, S.MODELS, S.QUICK_MODELS, (S.TINY,))
+    models = H.size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
     batches = H.size_set(size, S.DECODE_BATCHES, S.QUICK_DECODE_BATCHES, S.TINY_BATCHES)
     out = []
     for m in models:

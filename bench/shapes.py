@@ -45,8 +45,10 @@ TINY = ModelShape("tiny", hidden=128, n_heads=4, n_kv_heads=2, head_dim=64, inte
 MODELS: tuple[ModelShape, ...] = (SMOLLM2_135M, LLAMA_3_2_1B, LLAMA_3_8B)
 MODELS_BY_NAME = {m.name: m for m in MODELS + (TINY,)}
 
-# --quick (the GPU check): the two shapes the end-to-end decode benchmark runs.
+# --quick (the GPU check): attention at the two shapes the end-to-end decode benchmark runs (head_dim 64 and
+# 128); the row-wise kernels, whose speed depends on bytes rather than on the model, at Llama-3-8B only.
 QUICK_MODELS: tuple[ModelShape, ...] = (LLAMA_3_2_1B, LLAMA_3_8B)
+QUICK_ROW_MODELS: tuple[ModelShape, ...] = (LLAMA_3_8B,)
 
 # Token counts. Decode: one token per sequence, batch 1/8/64. Prefill: a prompt's tokens in one call.
 DECODE_BATCHES = (1, 8, 64)

@@ -1,0 +1,312 @@
+"""The benchmark harness and every kernel benchmark script, exercised at tiny sizes so they cannot rot.
+
+On a CPU machine the scripts run in --cpu-smoke mode (Triton under the interpreter, wall clock); with a CUDA
+GPU they run --tiny on it (CUDA events, L2 flush, the GPU-only library providers). No test asserts a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import harness as H  # noqa: E402
+from bench import shapes as S  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+MODE = "gpu-tiny" if HAS_CUDA else "cpu-smoke"
+
+# (script module, kernels it benchmarks). torch.compile costs seconds per shape on a CPU, so only the first
+# script runs it; the others run every other provider.
+SCRIPTS = [
+    ("bench_rms_norm", ("rms_norm", "fused_add_rms_norm"), True),
+    ("bench_sampling", ("greedy_sample", "greedy_sample+logprobs", "lm_head_greedy"), False),
+    ("bench_rotary", ("apply_rotary", "rotary_write_kv_cache"), False),
+    ("bench_silu_and_mul", ("silu_and_mul",), False),
+    ("bench_kv_cache", ("write_kv_cache",), False),
+    ("bench_prefill_attention", ("paged_prefill_attention",), False),
+    ("bench_decode_attention", ("paged_decode_attention",), False),
+]
+
+NOT_LANDED = ("ImportError: trinfer.triton_kernels has no", "ImportError: trinfer.triton_kernels.references has no")
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(token):
+        raise ValueError(f"{path.name}: non-standard JSON constant {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _smoke_args(tmp_path: Path, providers: list[str] | None) -> list[str]:
+    args = ["--out", str(tmp_path)]
+    args += ["--tiny", "--rep-ms", "5", "--warmup-ms", "2"] if HAS_CUDA else ["--cpu-smoke"]
+    if providers is not None:
+        args += ["--providers", ",".join(providers)]
+    return args
+
+
+@pytest.mark.parametrize("module_name,kernels,with_compile", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def test_script_smoke(module_name, kernels, with_compile, tmp_path):
+    import importlib
+
+    module = importlib.import_module(f"bench.{module_name}")
+    names = {p.name for b in module.benchmarks() for p in b.providers}
+    providers = None if with_compile else sorted(names - {"torch_compile", "flex_attention"})
+    data = module.main(_smoke_args(tmp_path, providers))
+
+    assert data["schema"] == H.SCHEMA and data["mode"] == MODE
+    stem = module_name.removeprefix("bench_")
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {f"{stem}.{MODE}.json", f"{stem}.{MODE}.md", f"{stem}.{MODE}.png"} <= files, files
+
+    on_disk = _strict_json(tmp_path / f"{stem}.{MODE}.json")
+    rows = on_disk["rows"]
+    assert {r["kernel"] for r in rows} == set(kernels)
+    assert on_disk["ceilings"]["copy_gbps"] > 0 and on_disk["ceilings"]["matmul_tflops"] > 0
+    for r in rows:
+        assert set(H.ROW_KEYS) <= set(r), f"row lacks {set(H.ROW_KEYS) - set(r)}"
+        assert r["status"] in ("ok", "error", "skipped"), r
+        assert r["torch"] == torch.__version__ and r["date"] and r["mode"] == MODE
+        assert r["bytes"] > 0
+        if r["status"] == "ok":
+            assert r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+            assert r["gbps"] > 0 and r["pct_copy"] > 0
+            assert r["check"] != "MISMATCH", f"{r['kernel']} {r['shape']} {r['provider']}: error {r['check_err']}"
+            assert r["check"] in ("ok", "reference", "oracle"), r
+        elif r["status"] == "error":
+            # Only ops that have not landed yet may fail; anything else is a bug in the script or the op.
+            assert r["error"].startswith(NOT_LANDED), f"{r['kernel']} {r['shape']} {r['provider']}: {r['error']}"
+        if r["provider"] == "cuda" and not HAS_CUDA:
+            assert r["status"] == "skipped" and "CUDA" in r["error"]
+    if with_compile:
+        assert any(r["provider"] == "torch_compile" and r["status"] == "ok" for r in rows)
+    # Every case has exactly one row per provider that ran for it.
+    seen = [(r["kernel"], r["shape"], r["provider"]) for r in rows]
+    assert len(seen) == len(set(seen))
+
+    md = (tmp_path / f"{stem}.{MODE}.md").read_text()
+    for k in kernels:
+        assert f"## {k}" in md
+    assert "| shape | dtype | provider | median us |" in md
+    if MODE == "cpu-smoke":
+        assert "NOT GPU measurements" in md and "NOT GPU measurements" in on_disk["banner"]
+    assert (tmp_path / f"{stem}.{MODE}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_all_only_and_summary(tmp_path, capsys):
+    from bench import run_all, summarize
+
+    data = run_all.main(["--only", "silu_and_mul,greedy_sample", "--no-plot"]
+                        + _smoke_args(tmp_path, ["torch_ref", "triton", "torch.argmax", "F.silu(gate)*up"]))
+    assert {r["kernel"] for r in data["rows"]} == {"silu_and_mul", "greedy_sample"}
+    path = tmp_path / f"kernels.{MODE}.json"
+    assert path.exists() and not (tmp_path / f"kernels.{MODE}.png").exists()
+    assert summarize.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "silu_and_mul" in out and "best other" in out and "rows:" in out
+    with pytest.raises(SystemExit, match="unknown names"):
+        run_all.main(["--only", "no_such_kernel"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Harness units
+# ---------------------------------------------------------------------------------------------------------
+
+def test_quantiles_and_timing():
+    vals = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert H.quantile(vals, 0.5) == 3.0
+    assert H.quantile(vals, 0.1) == pytest.approx(1.4)
+    assert H.quantile(vals, 0.9) == pytest.approx(4.6)
+    assert H.quantile([7.0], 0.2) == 7.0 and math.isnan(H.quantile([], 0.5))
+    t = H.Timing.from_samples([5.0, 1.0, 3.0, 2.0, 4.0], "test")
+    assert (t.median_ms, t.min_ms, t.mean_ms, t.n_reps) == (3.0, 1.0, 3.0, 5)
+    assert t.p10_ms <= t.p20_ms <= t.median_ms <= t.p80_ms <= t.p90_ms
+    with pytest.raises(ValueError, match="samples_ms"):
+        H.Timing.from_samples([], "test")
+
+
+def test_byte_and_flop_counts():
+    from bench.bench_decode_attention import decode_attention_bytes, decode_attention_flops
+    from bench.bench_kv_cache import write_kv_cache_bytes
+    from bench.bench_prefill_attention import causal_pairs, prefill_attention_bytes, prefill_attention_flops
+    from bench.bench_rms_norm import fused_add_rms_norm_bytes, rms_norm_bytes
+    from bench.bench_rotary import apply_rotary_bytes, rotary_write_kv_cache_bytes
+    from bench.bench_sampling import greedy_sample_bytes, lm_head_greedy_bytes
+    from bench.bench_silu_and_mul import silu_and_mul_bytes
+
+    assert H.copy_bytes_moved(100) == 200 and H.matmul_flops(2, 3, 4) == 48
+    assert rms_norm_bytes(rows=2, hidden=4, elem=2) == 2 * 2 * 4 * 2 + 4 * 2
+    assert fused_add_rms_norm_bytes(rows=2, hidden=4, elem=2) == 4 * 2 * 4 * 2 + 4 * 2
+    assert silu_and_mul_bytes(rows=3, intermediate=5, elem=2) == 3 * 10 * 2 + 3 * 5 * 2
+    assert greedy_sample_bytes(batch=2, vocab=10, elem=4, logprobs=False) == 80 + 16
+    assert greedy_sample_bytes(batch=2, vocab=10, elem=4, logprobs=True) == 80 + 16 + 8
+    assert lm_head_greedy_bytes(batch=2, hidden=8, vocab=10, elem=2) == 160 + 32 + 16
+    assert write_kv_cache_bytes(tokens=3, kv_heads=2, head_dim=4, elem=2) == 4 * 3 * 2 * 4 * 2 + 24
+    assert apply_rotary_bytes(2, 4, 2, 8, 2) == 2 * 2 * 6 * 8 * 2 + 2 * 8 * 4 + 16
+    assert rotary_write_kv_cache_bytes(2, 4, 2, 8, 2) == apply_rotary_bytes(2, 4, 2, 8, 2) + 3 * 2 * 2 * 8 * 2 + 16
+    # Decode: K and V of every sequence once, q and out, 4-byte block-table entries and lengths.
+    assert decode_attention_bytes(2, 32, 4, 2, 8, 2, 16) == 2 * 2 * 32 * 2 * 8 * 2 + 2 * 2 * 4 * 8 * 2 + 2 * 2 * 4 + 8
+    assert decode_attention_flops(2, 32, 4, 8) == 4 * 2 * 4 * 32 * 8
+    # Causal pairs: a fresh prompt is a triangle; a chunk adds the whole cached prefix for each query.
+    assert causal_pairs(4, 4) == 10 and causal_pairs(2, 5) == 2 * 3 + 3
+    with pytest.raises(ValueError, match="q_len"):
+        causal_pairs(5, 4)
+    assert prefill_attention_flops(4, 4, 2, 8) == 4 * 2 * 8 * 10
+    assert prefill_attention_bytes(4, 4, 2, 1, 8, 2, 16) == 2 * 4 * 2 * 8 * 2 + 2 * 4 * 1 * 8 * 2 + 4 + 12
+
+
+def test_rel_l2_error():
+    a = torch.randn(16, dtype=torch.float64)
+    assert H.rel_l2_error(a, a.clone()) == 0.0
+    assert H.rel_l2_error((a, a), (a, a * 1.01)) == pytest.approx(0.01 / 1.01, rel=1e-6)
+    ids = torch.tensor([1, 2, 3, 4])
+    assert H.rel_l2_error(ids, torch.tensor([1, 2, 0, 4])) == 0.25
+    assert H.rel_l2_error(torch.tensor([float("nan"), 1.0]), torch.tensor([1.0, 1.0])) == math.inf
+    with pytest.raises(ValueError, match="shape"):
+        H.rel_l2_error(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(ValueError, match="tensors"):
+        H.rel_l2_error((a,), (a, a))
+
+
+def test_ceilings_on_cpu_wall_clock():
+    c = H.measure_ceilings(torch.device("cpu"), H.WallTimer(reps=1), copy_mib=1, matmul_n=32)
+    assert c.copy_bytes == 2 * (1 << 20) and c.copy_gbps > 0
+    assert c.matmul_shape == (32, 32, 32) and c.matmul_tflops > 0 and c.matmul_dtype == "fp32"
+    assert "wall-clock" in c.timer
+
+
+def test_cuda_timer():
+    if not HAS_CUDA:
+        pytest.skip("CudaTimer needs a CUDA GPU (CUDA events); the CPU smoke runs use WallTimer")
+    timer = H.CudaTimer(torch.device("cuda"), warmup_ms=1, rep_ms=5)
+    x = torch.randn(1 << 20, device="cuda")
+    t = timer(lambda: x.mul_(1.0001))
+    assert t.n_reps >= 10 and 0 < t.p10_ms <= t.median_ms <= t.p90_ms and "cuda-event" in t.timer
+    assert timer.flush_bytes >= 256 << 20
+
+
+def test_paged_block_tables_are_disjoint_and_shuffled():
+    torch.manual_seed(0)
+    lens = [33, 1, 16, 17]
+    tables, num_blocks = H.paged_block_tables(lens, 16, "cpu", spare_blocks=3)
+    need = [3, 1, 1, 2]
+    assert num_blocks == sum(need) + 3 and tables.dtype == torch.int32 and tables.shape == (4, 3)
+    used = [b for s, n in enumerate(need) for b in tables[s, :n].tolist()]
+    assert len(used) == len(set(used)) and all(0 <= b < num_blocks for b in used)
+    assert tables[1, 1:].eq(-1).all()
+    slots = H.slots_of(tables, 0, [0, 15, 16, 32], 16)
+    row = tables[0].tolist()
+    assert slots == [row[0] * 16, row[0] * 16 + 15, row[1] * 16, row[2] * 16]
+
+
+def _toy_benchmark(providers, output=lambda i, r: r):
+    def cases(size, dtype):
+        return [H.Case(label="toy n=8", group="toy", x=8, x_name="n", params={"n": 8},
+                       make_inputs=lambda device: {"x": H.randn((8,), torch.float32, device)},
+                       bytes_moved=64, dtype=torch.float32)]
+
+    return H.Benchmark("toy", "toy", cases, providers, output=output)
+
+
+def _toy_config():
+    cfg = H.RunConfig(mode="cpu-smoke", size="tiny", device=torch.device("cpu"), dtype=torch.float32,
+                      timer=H.WallTimer(reps=1))
+    cfg.env = H.environment(cfg.device, cfg.mode)
+    cfg.ceilings = H.measure_ceilings(cfg.device, cfg.timer, copy_mib=1, matmul_n=16)
+    return cfg
+
+
+def test_failing_providers_are_recorded_not_fatal():
+    def boom(i):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    def skipper(i):
+        raise H.Skip("not here")
+
+    bench = _toy_benchmark([
+        H.Provider("torch_ref", lambda i: lambda: i["x"] * 2, "reference"),
+        H.Provider("good", lambda i: lambda: i["x"] + i["x"], "ours"),
+        H.Provider("wrong", lambda i: lambda: i["x"] * 3, "library"),
+        H.Provider("boom", boom, "ours"),
+        H.Provider("skipper", skipper, "library"),
+        H.Provider("gpu_only", lambda i: lambda: i["x"], "library", requires_cuda=True),
+        H.Provider("too_big", lambda i: lambda: i["x"], "library", skip=lambda case: "too big for this test"),
+    ])
+    rows = {r["provider"]: r for r in H.run_benchmark(bench, _toy_config(), log=lambda s: None)}
+    assert rows["torch_ref"]["check"] == "reference" and rows["torch_ref"]["speedup_vs_ref"] == 1.0
+    assert rows["good"]["status"] == "ok" and rows["good"]["check"] == "ok" and rows["good"]["check_vs"] == "torch_ref"
+    assert rows["wrong"]["status"] == "ok" and rows["wrong"]["check"] == "MISMATCH"
+    assert rows["boom"]["status"] == "error" and rows["boom"]["error"] == "RuntimeError: kernel exploded"
+    assert rows["skipper"]["status"] == "skipped" and rows["skipper"]["error"] == "not here"
+    assert rows["gpu_only"]["status"] == "skipped" and rows["gpu_only"]["error"] == "needs CUDA"
+    assert rows["too_big"]["error"] == "too big for this test"
+    assert rows["good"]["gbps"] == pytest.approx(64 / (rows["good"]["median_ms"] * 1e-3) / 1e9)
+
+
+def test_library_oracle_when_reference_cannot_run():
+    bench = _toy_benchmark([
+        H.Provider("torch_ref", lambda i: lambda: i["x"], "reference", skip=lambda case: "too big"),
+        H.Provider("triton", lambda i: lambda: i["x"] * 1.0, "ours"),
+        H.Provider("lib", lambda i: lambda: i["x"].clone(), "library"),
+    ])
+    rows = {r["provider"]: r for r in H.run_benchmark(bench, _toy_config(), log=lambda s: None)}
+    assert rows["lib"]["check"] == "oracle" and rows["triton"]["check"] == "ok" and rows["triton"]["check_vs"] == "lib"
+    assert rows["triton"]["speedup_vs_ref"] is None
+
+
+def test_budget_skips_rows(tmp_path):
+    import time
+
+    bench = _toy_benchmark([H.Provider("torch_ref", lambda i: lambda: i["x"], "reference"),
+                            H.Provider("compiled", lambda i: lambda: i["x"], "compiled", costly=True)])
+    cfg = _toy_config()
+    cfg.soft_deadline = time.monotonic() - 1
+    rows = H.run_benchmark(bench, cfg, log=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok", "skipped"] and "compiling" in rows[1]["error"]
+    cfg.deadline = time.monotonic() - 1
+    rows = H.run_benchmark(bench, cfg, log=lambda s: None)
+    assert all(r["status"] == "skipped" and "budget" in r["error"] for r in rows)
+    # Written files stay strict JSON and readable markdown with skipped and infinite values.
+    rows[0]["check_err"] = math.inf
+    data = H.payload(cfg, rows, "toy")
+    paths = H.write_outputs(tmp_path, "toy", data)
+    assert [p.name for p in paths] == ["toy.json", "toy.md", "toy.png"]
+    assert _strict_json(tmp_path / "toy.json")["rows"][0]["check_err"] == "inf"
+    assert "budget" in (tmp_path / "toy.md").read_text()
+
+
+def test_output_names_never_pass_smoke_for_gpu(tmp_path):
+    assert H.output_stem("kernels", "cpu-smoke") == "kernels.cpu-smoke"
+    assert H.output_stem("kernels", "gpu-tiny") == "kernels.gpu-tiny"
+    assert H.output_stem("kernels", "gpu-quick") == "kernels"
+    assert "tmp" in H.default_out_dir("cpu-smoke").parts  # bench/results/tmp/ is git-ignored
+
+
+def test_shapes_table():
+    assert S.model("Llama-3-8B").head_dim == 128 and S.LLAMA_3_8B.q_size == 4096
+    assert S.LLAMA_3_2_1B.kv_size == 512 and S.SMOLLM2_135M.n_heads % S.SMOLLM2_135M.n_kv_heads == 0
+    for m in S.MODELS:
+        assert m.n_heads * m.head_dim == m.hidden and m.n_heads % m.n_kv_heads == 0
+    with pytest.raises(ValueError, match="model"):
+        S.model("GPT-5")
+    assert S.DECODE_BATCHES == (1, 8, 64) and S.CONTEXTS[0] == 512 and S.CONTEXTS[-1] == 32768
+
+
+def test_gpu_check_script_parses():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not found")
+    script = ROOT / "bench" / "gpu_check.sh"
+    subprocess.run([bash, "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "bench.run_all --quick" in text and "pytest tests" in text and '${OUT:-' in text
