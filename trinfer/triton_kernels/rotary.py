@@ -72,10 +72,11 @@ def build_rope_cache(
             (or legacy `type`): "default" (none), "linear" (`factor`: frequencies divided by it) and "llama3"
             (`factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`). Any other
             type raises ValueError naming it. A `rope_theta` key, if present, must equal `theta`.
-        device: where to build the table (the angles and cos/sin are computed there, as HF does).
+        device: where the table lives. The inverse frequencies are computed on the CPU (as HF's rotary module
+            does at init), the angles and cos/sin on `device` (as HF's forward does).
     Returns:
         The table; build it once per model and pass it to `apply_rotary` / `rotary_write_kv_cache`. Its values
-        equal HF's LlamaRotaryEmbedding cos/sin (before their cast to the activation dtype) on the same device.
+        equal the fp32 cos/sin of HF's LlamaRotaryEmbedding (built on the CPU, run on `device`), bit for bit.
     """
     for name, value, low in (("head_dim", head_dim, 2), ("max_positions", max_positions, 1)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -101,7 +102,9 @@ def build_rope_cache(
                              f"(expected 1.0)")
         if "rope_theta" in scaling and float(scaling["rope_theta"]) != theta:
             raise ValueError(f"scaling: rope_theta {scaling['rope_theta']} differs from theta {theta}")
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / head_dim
+    # Frequencies on the CPU, as HF's rotary module computes them at init (a GPU pow may differ by an ulp);
+    # angles and cos/sin on `device`, as HF's forward does on the activations' device.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
     if rope_type == "linear":
         factor = _scaling_param(scaling, "factor", "linear")
@@ -110,6 +113,7 @@ def build_rope_cache(
         inv_freq = inv_freq / factor
     elif rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    inv_freq = inv_freq.to(device)
     angles = torch.arange(max_positions, device=device, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return torch.cat([angles.cos(), angles.sin()], dim=-1).contiguous()
 
