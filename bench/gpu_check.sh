@@ -19,9 +19,9 @@ cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-T_JIT=${T_JIT:-90}
-T_TESTS=${T_TESTS:-120}
-T_KERNELS=${T_KERNELS:-120}
+T_JIT=${T_JIT:-80}
+T_TESTS=${T_TESTS:-110}
+T_KERNELS=${T_KERNELS:-110}
 T_E2E=${T_E2E:-50}
 OUTDIR=${OUT:-bench/results/$(date -u +%F)}
 mkdir -p "$OUTDIR"
@@ -79,7 +79,7 @@ skip_part() {  # skip_part NAME REASON
 }
 
 # ---- env ------------------------------------------------------------------------------------------------
-run_part env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
+run_part env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
 $PY - <<'EOF'
 import platform, torch, triton
 p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
