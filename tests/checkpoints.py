@@ -15,8 +15,10 @@ The tokenizer (`tiny_tokenizer`) is a byte-level BPE whose vocabulary is exactly
 tokens (<|endoftext|> 0, <s> 1, </s> 2, <|im_start|> 3, <|im_end|> 4), the 256 byte symbols, then merges
 learned deterministically from a small built-in English/code corpus (and, if those run out, reserved
 special tokens). Every string encodes; every id decodes. It needs no download and no other package, so it
-works on the GPU machine too. Llama/Mistral add BOS <s>; Qwen2 adds none. EOS ids are </s> and <|im_end|>,
-and the chat template is ChatML.
+works on the GPU machine too. Llama/Mistral add BOS <s> (tokenizer_config add_bos_token and the
+tokenizer.json post-processor, as Llama 3 does); Qwen2 adds none and splits digits one by one, like its
+real tokenizer. EOS ids are </s> and <|im_end|> (<|im_end|> and <|endoftext|> for Qwen2); the chat
+template is ChatML. transformers' AutoTokenizer encodes these directories as trinfer does.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import json
 import os
 from collections import Counter
 
+import numpy as np
 import torch
 
 FAMILIES = ("llama", "llama3", "qwen2", "mistral")
@@ -116,14 +119,27 @@ def _learn_merges(words: Counter, budget: int) -> list[tuple[str, str]]:
     return merges
 
 
-def tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE `tokenizers.Tokenizer` with exactly `vocab_size` ids (see the module docstring)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tiny_tokenizer(vocab_size: int = 512, family: str = "llama"):
+    """A byte-level BPE `tokenizers.Tokenizer` with exactly `vocab_size` ids (see the module docstring).
+
+    As in the real families' tokenizer.json: Qwen2 normalizes to NFC, splits with its own regex (digits
+    one by one) and adds no BOS; the others use GPT-2's split and a post-processor that adds BOS <s>, so that transformers'
+    AutoTokenizer (which takes BOS from the post-processor) and trinfer encode alike.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     base = len(SPECIAL_TOKENS) + 256
     if vocab_size < base:
         raise ValueError(f"vocab_size: the tiny tokenizer needs at least {base} ids, got {vocab_size}")
-    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if family == "qwen2":
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     words = Counter(piece for piece, _ in pre.pre_tokenize_str(_CORPUS))
     merges = _learn_merges(words, vocab_size - base)
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -140,6 +156,12 @@ def tiny_tokenizer(vocab_size: int = 512):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=kept, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
+    if family == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    else:
+        bos = SPECIAL_TOKENS[BOS_ID]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, BOS_ID)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, *reserved)])
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
     return tok
@@ -220,7 +242,7 @@ def make_hf_checkpoint(
     generation = {"bos_token_id": kwargs["bos_token_id"], "eos_token_id": eos_ids, "do_sample": False}
     _write_json(os.path.join(path, "generation_config.json"), generation)
 
-    tokenizer = tiny_tokenizer(config.vocab_size)
+    tokenizer = tiny_tokenizer(config.vocab_size, family)
     tokenizer.save(os.path.join(path, "tokenizer.json"))
     _write_json(os.path.join(path, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -244,20 +266,23 @@ def load_hf_model(path: str | os.PathLike):
     return model.eval()
 
 
-def hf_state_dict_from_gguf(gguf_path: str | os.PathLike, names: list[str] | None = None) -> tuple[dict, dict]:
-    """(config dict, {HF tensor name: fp32 tensor}) as transformers reads a llama GGUF, without accelerate.
+def hf_state_dict_from_gguf(gguf_path: str | os.PathLike, names: list[str] | None = None, *,
+                            reader=None) -> dict[str, torch.Tensor]:
+    """{HF tensor name: fp32 tensor} as transformers reads a llama GGUF, without accelerate and without trinfer.
 
-    Uses gguf's reader and dequantizer and transformers' GGUF config mapping and q/k un-permutation, i.e.
-    no trinfer code. names: only these GGUF tensors (e.g. "blk.0.attn_q.weight"); all when None.
-    transformers.AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) would do the same but needs the
-    accelerate package, which this environment lacks.
+    gguf's reader and dequantizer, then transformers' own q/k un-permutation (LlamaTensorProcessor).
+    names: only these GGUF tensors (e.g. "blk.0.attn_q.weight"); all when None. reader: a gguf.GGUFReader
+    of the file, to reuse one. transformers.AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) does
+    the same but needs the accelerate package, which this environment lacks.
     """
     import gguf
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, load_gguf_checkpoint
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    config = load_gguf_checkpoint(os.fspath(gguf_path), return_tensors=False)["config"]
-    processor = LlamaTensorProcessor(config=config)
-    reader = gguf.GGUFReader(os.fspath(gguf_path))
+    reader = reader if reader is not None else gguf.GGUFReader(os.fspath(gguf_path))
+    heads = reader.fields["llama.attention.head_count"].contents()
+    kv_field = reader.fields.get("llama.attention.head_count_kv")
+    processor = LlamaTensorProcessor(config={"num_attention_heads": heads,
+                                             "num_key_value_heads": kv_field.contents() if kv_field else heads})
     top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
     per_layer = {
@@ -282,20 +307,141 @@ def hf_state_dict_from_gguf(gguf_path: str | os.PathLike, names: list[str] | Non
             continue
         weights = gguf.quants.dequantize(t.data, t.tensor_type)
         weights = processor.process(weights=weights, name=t.name).weights
-        out[hf_name] = torch.from_numpy(weights.copy()).float()
-    return config, out
+        out[hf_name] = torch.from_numpy(np.array(weights, dtype=np.float32))  # a copy: F32 data is a read-only map
+    return out
 
 
 def hf_llama_from_gguf(gguf_path: str | os.PathLike):
-    """transformers' LlamaForCausalLM with a llama GGUF's weights as transformers reads them (fp32, eval)."""
-    import transformers
+    """transformers' LlamaForCausalLM with a llama GGUF's weights as transformers reads them (fp32, eval).
 
-    config, state = hf_state_dict_from_gguf(gguf_path)
+    Config from transformers' load_gguf_checkpoint, weights from hf_state_dict_from_gguf. Slow for the
+    default model (two full reads of the metadata: ~10 s on a 2-core machine); build it once per session.
+    """
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = load_gguf_checkpoint(os.fspath(gguf_path), return_tensors=False)["config"]
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(torch.float32)
+    state = hf_state_dict_from_gguf(gguf_path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise RuntimeError(f"GGUF -> transformers: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval()
+
+
+def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's converter reordering of q/k rows: per head, [first half | second half] -> interleaved pairs."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def make_gguf_checkpoint(
+    tmp_dir: str | os.PathLike,
+    *,
+    qtype: str = "Q8_0",
+    family: str = "llama",
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    **overrides,
+) -> tuple[str, str]:
+    """A tiny llama GGUF converted the way llama.cpp does it, from a make_hf_checkpoint directory.
+
+    qtype: the type of every matrix (F32, F16, BF16, Q8_0, Q4_0, Q4_1); norms stay F32. q/k rows are
+    permuted as llama.cpp's converter does; family "llama3" also writes rope_freqs.weight. The tokenizer
+    metadata is the tiny byte-level BPE ("gpt2", pre "default"). Returns (gguf path, the HF directory it
+    came from). Needs the gguf package (absent on the GPU machine).
+    """
+    import gguf
+    from safetensors.torch import load_file
+
+    if family not in ("llama", "llama3"):
+        raise ValueError(f"family: a llama GGUF is 'llama' or 'llama3', got {family!r}")
+    hf_dir = make_hf_checkpoint(tmp_dir, family, tie_word_embeddings=tie_word_embeddings, seed=seed, **overrides)
+    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(os.listdir(hf_dir)):
+        if file.endswith(".safetensors"):
+            state.update(load_file(os.path.join(hf_dir, file)))
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rope = cfg.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+
+    path = os.path.join(os.fspath(tmp_dir), f"tiny-{family}-{qtype}-{'tied' if tie_word_embeddings else 'untied'}.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(f"tiny {family}")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    if head_dim * heads != cfg["hidden_size"]:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(0)
+    tok = tiny_tokenizer(cfg["vocab_size"])
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    model = json.loads(tok.to_str())["model"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    special = set(SPECIAL_TOKENS) | {t for t in tokens if t.startswith("<|reserved_")}
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(True)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+
+    def add(name: str, t: torch.Tensor, matrix: bool) -> None:
+        data = t.float().numpy()
+        if not matrix or kind == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, data.astype("float32"))
+        elif kind == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, data.astype("float16"))
+        else:
+            packed = gguf.quants.quantize(data, kind)  # BF16 comes back as uint16: pass its bytes
+            w.add_tensor(name, packed.view("uint8"), raw_dtype=kind)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"], True)
+    add("output_norm.weight", state["model.norm.weight"], False)
+    if not tie_word_embeddings:
+        add("output.weight", state["lm_head.weight"], True)
+    if family == "llama3":
+        r = rope
+        freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        wavelen = 2 * torch.pi / freqs
+        lo, hi, orig, factor = r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"], r["factor"]
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        factors = torch.where(wavelen < orig / hi, torch.ones_like(wavelen),
+                              torch.where(wavelen > orig / lo, torch.full_like(wavelen, factor),
+                                          1 / ((1 - smooth) / factor + smooth)))
+        add("rope_freqs.weight", factors.float(), False)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(cfg["num_hidden_layers"]):
+        for hf_name, gguf_name in names.items():
+            t = state[f"model.layers.{i}.{hf_name}.weight"]
+            if gguf_name == "attn_q":
+                t = llama_cpp_permute(t, heads)
+            elif gguf_name == "attn_k":
+                t = llama_cpp_permute(t, kv_heads)
+            add(f"blk.{i}.{gguf_name}.weight", t, not gguf_name.endswith("norm"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, hf_dir

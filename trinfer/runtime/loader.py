@@ -81,8 +81,9 @@ def _gguf_in(path: str) -> str | None:
             magic = f.read(4)
         if magic == b"GGUF":
             return path
+        hint = " (pass the directory that holds it and its config.json)" if path.endswith(".safetensors") else ""
         raise ValueError(
-            f"{path}: expected a Hugging Face model directory or a .gguf file (got a file that is neither)"
+            f"{path}: expected a Hugging Face model directory or a .gguf file (got a file that is neither){hint}"
         )
     if os.path.isfile(os.path.join(path, "config.json")):
         return None

@@ -285,13 +285,19 @@ def _llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float,
     return out
 
 
-def _rope_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int) -> dict:
-    """Recover the llama3 rope_scaling dict whose factors llama.cpp stored; refuse anything else."""
+def _rope_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int) -> dict | None:
+    """Recover the llama3 rope_scaling dict whose factors llama.cpp stored; refuse anything else.
+
+    The factors fix only original/low_freq_factor and original/high_freq_factor (scaling all three by the
+    same number gives the same rotary math), so the first match on a grid of the usual values is exact.
+    """
     if factors.shape != (head_dim // 2,):
         raise ValueError(f"GGUF: rope_freqs.weight has shape {list(factors.shape)}, expected [{head_dim // 2}]")
     factor = float(factors.max())
-    for original in (8192, 4096, 2048, 16384, 32768, 65536, 131072):
-        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)):
+    if np.allclose(factors, 1.0):
+        return None
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0), (4.0, 8.0)):
+        for original in (2 ** k for k in range(6, 21)):
             want = _llama3_rope_factors(theta, head_dim, factor, low, high, original)
             if np.allclose(factors, want, rtol=1e-4, atol=1e-6):
                 return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,

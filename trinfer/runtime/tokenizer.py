@@ -272,8 +272,8 @@ class IncrementalDetokenizer:
         self._ids.append(int(token_id))
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         text = self._decode(self._ids[self._prefix_offset:])
-        if len(text) <= len(prefix) or text.endswith("\ufffd") or not text.startswith(prefix):
-            return ""
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+            return ""  # nothing new, or a character still incomplete: wait for the next token
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return text[len(prefix):]
@@ -282,9 +282,8 @@ class IncrementalDetokenizer:
         """The held-back text (complete or not); the stream is then fully emitted."""
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         text = self._decode(self._ids[self._prefix_offset:])
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
-        return text[len(prefix):] if text.startswith(prefix) else text
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return text[len(prefix):]
 
 
 # ---------------------------------------------------------------------- helpers
