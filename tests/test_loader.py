@@ -417,6 +417,7 @@ def test_tiny_gguf_matches_its_source_checkpoint(tmp_path, qtype, family, tied):
 
 
 def test_gguf_dtype_conversion(tmp_path):
+    pytest.importorskip("gguf")  # to write the file; trinfer reads GGUF without it
     path, _ = make_gguf_checkpoint(tmp_path, qtype="Q8_0")
     fp32 = load(path).weights
     half = load_model_files(path, device="cpu", dtype=torch.float16, progress=False).weights
@@ -425,6 +426,7 @@ def test_gguf_dtype_conversion(tmp_path):
 
 
 def test_gguf_in_a_directory(tmp_path):
+    pytest.importorskip("gguf")
     path, _ = make_gguf_checkpoint(tmp_path / "a", qtype="F16")
     folder = tmp_path / "only"
     folder.mkdir()
@@ -440,6 +442,7 @@ def test_gguf_in_a_directory(tmp_path):
 
 @pytest.fixture
 def tiny_gguf(tmp_path):
+    pytest.importorskip("gguf")
     return make_gguf_checkpoint(tmp_path, qtype="Q8_0")[0]
 
 
@@ -462,13 +465,16 @@ def test_truncated_gguf(tmp_path, tiny_gguf, keep):
 
 
 def _edit_gguf(src: str, dst: str, *, arch: str = "llama", drop_tensor: str | None = None,
-               retype: tuple[str, str] | None = None, extra_tensor: str | None = None) -> str:
-    """Rewrite a GGUF through the gguf package with one change."""
+               retype: tuple[str, str] | None = None, extra_tensor: str | None = None,
+               set_kv: dict | None = None) -> str:
+    """Rewrite a GGUF through the gguf package with one change. set_kv: {key: (value, GGUFValueType name)}."""
     gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, arch)
+    for key, (value, kind) in (set_kv or {}).items():
+        w.add_key_value(key, value, getattr(gguf.GGUFValueType, kind))
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in (set_kv or {}):
             continue
         value = field.contents()
         new_key = key.replace("llama.", f"{arch}.", 1) if key.startswith("llama.") else key
@@ -520,3 +526,38 @@ def test_gguf_unsupported_quantization_is_named(tmp_path, tiny_gguf):
     bad = _edit_gguf(tiny_gguf, str(tmp_path / "q5.gguf"), retype=("blk.0.ffn_down.weight", "Q5_0"))
     with pytest.raises(ValueError, match="'blk.0.ffn_down.weight' is stored as ggml type 6"):
         load(bad)
+
+
+@pytest.mark.parametrize("kv, match", [
+    ({"llama.rope.scaling.type": ("yarn", "STRING"), "llama.rope.scaling.factor": (4.0, "FLOAT32")},
+     "llama.rope.scaling.type 'yarn'"),
+    ({"llama.rope.dimension_count": (8, "UINT32")}, "partial rotary"),
+    ({"llama.expert_count": (8, "UINT32")}, "mixture-of-experts"),
+    ({"llama.attention.value_length": (8, "UINT32")}, "value_length"),
+    ({"tokenizer.ggml.model": ("bert", "STRING")}, "tokenizer.ggml.model 'bert'"),
+], ids=["yarn", "partial-rotary", "moe", "value-length", "tokenizer"])
+def test_gguf_unsupported_options_are_named(tmp_path, tiny_gguf, kv, match):
+    bad = _edit_gguf(tiny_gguf, str(tmp_path / "opt.gguf"), set_kv=kv)
+    with pytest.raises(ValueError, match=match):
+        load(bad)
+
+
+def test_gguf_linear_rope_scaling(tmp_path, tiny_gguf):
+    ok = _edit_gguf(tiny_gguf, str(tmp_path / "lin.gguf"), set_kv={
+        "llama.rope.scaling.type": ("linear", "STRING"), "llama.rope.scaling.factor": (4.0, "FLOAT32")})
+    assert load(ok).config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_llama3_rope_factors_are_recovered_or_refused():
+    from trinfer.runtime.loader_gguf import _llama3_rope_factors, _rope_scaling_from_freqs
+
+    for factor in (8.0, 32.0):  # Llama 3.1 8B and Llama 3.2 1B
+        stored = _llama3_rope_factors(500000.0, 128, factor, 1.0, 4.0, 8192).astype(np.float32)
+        assert _rope_scaling_from_freqs(stored, 500000.0, 128) == {
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    assert _rope_scaling_from_freqs(np.ones(64, dtype=np.float32), 500000.0, 128) is None
+    with pytest.raises(ValueError, match="not Llama-3 rope scaling"):
+        _rope_scaling_from_freqs(np.linspace(1, 3, 64), 500000.0, 128)
+    with pytest.raises(ValueError, match="shape"):
+        _rope_scaling_from_freqs(np.ones(32), 500000.0, 128)

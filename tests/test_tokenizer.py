@@ -145,6 +145,31 @@ def test_default_chat_template(tok, hf_tok):
     assert ids[0] == 1 and ids[-3:] == tok.encode("<|im_start|>assistant\n")[-3:]
 
 
+def test_saved_default_tokenizer_reloads_and_transformers_agrees(tok, tmp_path):
+    tok.save(tmp_path)
+    again = Tokenizer.from_hf_dir(tmp_path)
+    assert (again.bos_token_id, again.eos_token_ids, again.add_bos_token, again.chat_template) == (
+        tok.bos_token_id, tok.eos_token_ids, tok.add_bos_token, tok.chat_template)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in _corpus():
+        assert again.encode(text) == tok.encode(text) == hf(text).input_ids, repr(text[:40])
+
+
+def test_saved_tokenizer_keeps_bos(tmp_path):
+    t = Tokenizer(tiny_tokenizer(300), bos_token_id=1, eos_token_ids=(2,), add_bos_token=True)
+    t.save(tmp_path)
+    assert Tokenizer.from_hf_dir(tmp_path).encode("hi")[0] == 1
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path))("hi").input_ids == t.encode("hi")
+
+
+def test_eos_ids_outside_the_vocabulary_are_left_out(tmp_path):
+    tiny_tokenizer(300).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    assert Tokenizer.from_hf_dir(tmp_path, eos_token_ids=[4, 310]).eos_token_ids == (4, 2)
+
+
 # ---------------------------------------------------------------------- Hugging Face directories
 
 

@@ -333,6 +333,8 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     scaling = None
     kind = meta.get("llama.rope.scaling.type", "none")
     if kind == "linear":
+        if "llama.rope.scaling.factor" not in meta:
+            raise ValueError("GGUF: llama.rope.scaling.type 'linear' without llama.rope.scaling.factor")
         scaling = {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
     elif "llama.rope.scale_linear" in meta:  # older files
         scaling = {"rope_type": "linear", "factor": float(meta["llama.rope.scale_linear"])}

@@ -15,7 +15,7 @@ import os
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer", "gguf_tokenizer_backend"]
@@ -106,8 +106,8 @@ class Tokenizer:
     def from_hf_dir(cls, path: str | os.PathLike, *, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
         """Load tokenizer.json (+ tokenizer_config.json, chat_template.jinja) from a model directory.
 
-        eos_token_ids: ids that also end generation (from config.json / generation_config.json); the
-        tokenizer's own eos_token is added to them.
+        eos_token_ids: ids that also end generation (from config.json / generation_config.json; ids the
+        vocabulary lacks, as in a padded embedding, are left out); the tokenizer's own eos_token is added.
         """
         path = os.fspath(path)
         tok_file = os.path.join(path, "tokenizer.json")
@@ -136,7 +136,7 @@ class Tokenizer:
 
         bos = special_id("bos_token")
         eos_own = special_id("eos_token")
-        eos = list(eos_token_ids) + ([eos_own] if eos_own is not None else [])
+        eos = _known(backend, eos_token_ids) + ([eos_own] if eos_own is not None else [])
         add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
         if add_bos is None or add_eos is None:
             # No flag: the tokenizer.json's own post-processor says what the model was trained with.
@@ -156,7 +156,7 @@ class Tokenizer:
         backend = gguf_tokenizer_backend(meta)
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos_own = meta.get("tokenizer.ggml.eos_token_id")
-        eos = list(eos_token_ids) + ([int(eos_own)] if eos_own is not None else [])
+        eos = _known(backend, eos_token_ids) + ([int(eos_own)] if eos_own is not None else [])
         if "tokenizer.ggml.add_bos_token" in meta:
             add_bos = bool(meta["tokenizer.ggml.add_bos_token"])
         else:  # llama.cpp's default: sentencepiece vocabularies add BOS, byte-level ones do not
@@ -167,10 +167,24 @@ class Tokenizer:
                    chat_template=meta.get("tokenizer.chat_template"))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json to a directory (readable by from_hf_dir and transformers)."""
+        """Write tokenizer.json and tokenizer_config.json to a directory (readable by from_hf_dir and transformers).
+
+        The saved tokenizer.json's post-processor adds BOS/EOS as this tokenizer does, since that is where
+        transformers' generic tokenizer takes them from.
+        """
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
-        self._backend.save(os.path.join(path, "tokenizer.json"))
+        backend = _Backend.from_str(self._backend.to_str())
+        specials = []
+        single = "$A"
+        if self.add_bos_token:
+            bos = self.id_to_token(self.bos_token_id)
+            single, specials = f"{bos} {single}", [(bos, self.bos_token_id)]
+        if self.add_eos_token:
+            eos = self.id_to_token(self.eos_token_ids[0])
+            single, specials = f"{single} {eos}", specials + [(eos, self.eos_token_ids[0])]
+        backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+        backend.save(os.path.join(path, "tokenizer.json"))
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": self.add_bos_token,
@@ -287,6 +301,10 @@ class IncrementalDetokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _known(backend: _Backend, ids: Iterable[int]) -> list[int]:
+    return [t for t in ids if isinstance(t, int) and backend.id_to_token(t) is not None]
 
 
 def _read_json(path: str) -> dict:
