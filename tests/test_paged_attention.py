@@ -106,6 +106,25 @@ def test_prefill_block_sizes(block_size, device):
     assert_close(got, expected, torch.float16)
 
 
+@pytest.mark.parametrize("head_dim, hq, hkv", [(128, 8, 2), (256, 7, 1)], ids=["d128-g4", "d256-g7"])
+def test_larger_head_dims(head_dim, hq, hkv, device):
+    got, expected = _run_prefill([(17, 17), (5, 40)], head_dim, hq, hkv, torch.float16, device)
+    assert_close(got, expected, torch.float16)
+    got, expected = _run_decode([17, 40], head_dim, hq, hkv, torch.float16, device, split_tokens=16)
+    assert_close(got, expected, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_sm80_tiles(dtype, device, monkeypatch):
+    """The sm_80 table (BLOCK_N 32 at head_dim 80-128) runs the same kernel; the interpreter gets sm_90's."""
+    from trinfer.triton_kernels import attention
+
+    monkeypatch.setattr(attention, "_config_arch", lambda dev: 80)
+    assert attention._prefill_config(80, dtype, 3, 80).block_n == 32
+    got, expected = _run_prefill([(17, 17), (6, 45)], 80, 6, 2, dtype, device)
+    assert_close(got, expected, dtype)
+
+
 def test_prefill_long_chunks_cross_many_tiles(device):
     # 150 queries span several query tiles; the continuation reads unmasked full key tiles then the diagonal.
     got, expected = _run_prefill([(150, 150), (40, 300)], 64, 2, 2, torch.float16, device, max_q_len=150)

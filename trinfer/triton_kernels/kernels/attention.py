@@ -82,7 +82,10 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# Values that change from step to step (table width, capacity, grid bounds) are not specialized, so that a
+# growing context never triggers a recompile mid-generation (the JIT would otherwise specialize ints == 1
+# and multiples of 16).
+@triton.jit(do_not_specialize=["stride_bt", "capacity"])
 def paged_prefill_attention_kernel(
     q_ptr,              # [total_q, q_heads, head_dim] packed queries of all sequences, last dim contiguous
     stride_qt, stride_qh,
@@ -114,7 +117,7 @@ def paged_prefill_attention_kernel(
     """
     TOKENS: tl.constexpr = BLOCK_M // HEADS
     pid_h = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest causal rows first: less tail at the end
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
@@ -162,7 +165,7 @@ def paged_prefill_attention_kernel(
     tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "max_splits", "capacity"])
 def paged_decode_split_kernel(
     q_ptr,              # [batch, q_heads, head_dim] one query token per sequence, last dim contiguous
     stride_qb, stride_qh,
@@ -243,7 +246,7 @@ def paged_decode_split_kernel(
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_splits", "capacity"])
 def paged_decode_reduce_kernel(
     part_o_ptr,         # [batch, q_heads, max_splits, head_dim] fp32 partial outputs (normalized per split)
     part_lse_ptr,       # [batch, q_heads, max_splits] fp32 partial log2-sum-exp2
