@@ -3,46 +3,57 @@
 The Triton kernels need no build step. The optional CUDA C++ backend in csrc/ is compiled into
 `trinfer._C` only where a CUDA toolchain and a CUDA build of torch are both present; set
 TRINFER_BUILD_CUDA=0 to skip it, =1 to insist (the build then fails loudly if it cannot be done).
+Targets sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST is set. Sources and flags: trinfer/cuda_kernels/_build.py.
 """
-import glob
+import importlib.util
 import os
-import shutil
 
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_settings():
+    """trinfer/cuda_kernels/_build.py, loaded by path (importing the package would need torch)."""
+    path = os.path.join(HERE, "trinfer", "cuda_kernels", "_build.py")
+    spec = importlib.util.spec_from_file_location("_trinfer_cuda_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _cuda_extensions():
     want = os.environ.get("TRINFER_BUILD_CUDA", "auto").lower()
     if want in ("0", "no", "false", "off"):
+        print("trinfer: skipping the CUDA C++ backend: TRINFER_BUILD_CUDA=0")
         return [], {}
-    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    build = _build_settings()
+    sources = [os.path.relpath(p, HERE) for p in build.sources()]
     reason = None
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception as exc:  # torch is not importable in an isolated build env
         reason = f"torch not importable ({exc})"
     else:
         if torch.version.cuda is None:
-            reason = "torch is a CPU build"
-        elif shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
-            reason = "nvcc not found"
-        elif not sources:
+            reason = f"torch {torch.__version__} is a CPU build"
+        elif CUDA_HOME is None:
+            reason = "no CUDA toolkit found (nvcc not on PATH and CUDA_HOME unset)"
+        elif not any(s.endswith(".cu") for s in sources):
             reason = "no sources in csrc/"
     if reason is not None:
         if want in ("1", "yes", "true", "on"):
             raise RuntimeError(f"TRINFER_BUILD_CUDA=1 but the CUDA backend cannot be built: {reason}")
         print(f"trinfer: skipping the CUDA C++ backend: {reason}")
         return [], {}
+    arch_flags = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else build.gencode_flags()
     ext = CUDAExtension(
-        name="trinfer._C",
+        name=build.EXTENSION_NAME,
         sources=sources,
-        extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                     "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"],
-        },
+        extra_compile_args={"cxx": list(build.CXX_FLAGS), "nvcc": list(build.NVCC_FLAGS) + arch_flags},
     )
+    print(f"trinfer: building the CUDA C++ backend {build.EXTENSION_NAME} from {len(sources)} sources")
     return [ext], {"build_ext": BuildExtension}
 
 

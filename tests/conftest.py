@@ -65,3 +65,41 @@ def device() -> str:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# ---- kernel backends ----------------------------------------------------------------------------------------
+# Kernel tests take `kernel_backend` instead of importing trinfer.triton_kernels, and call
+# `kernel_backend.<kernel>(...)`: each test then runs for "triton" (always) and for "cuda" (the CUDA C++
+# backend, trinfer.cuda_kernels) where a GPU is visible and the backend loads, else that case is skipped with
+# the reason. On a GPU without the installed extension, the first CUDA case builds it once per session with
+# load_jit() (set TRINFER_TEST_CUDA_JIT=0 to skip instead); a failing build fails those tests, it never skips.
+
+@pytest.fixture(scope="session")
+def _cuda_backend():
+    """(trinfer.cuda_kernels, None) when its kernels can run here, else (None, why not)."""
+    from trinfer import cuda_kernels
+
+    if not HAS_CUDA:
+        return None, "no CUDA GPU here (torch.cuda.is_available() is False)"
+    if not cuda_kernels.is_available():
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if os.environ.get("TRINFER_TEST_CUDA_JIT", "1") == "0":
+            return None, f"{cuda_kernels.unavailable_reason()} (TRINFER_TEST_CUDA_JIT=0: no JIT build)"
+        if CUDA_HOME is None:
+            return None, f"{cuda_kernels.unavailable_reason()}, and no nvcc for a JIT build"
+        cuda_kernels.load_jit()
+    return cuda_kernels, None
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def kernel_backend(request):
+    """The kernel module under test: trinfer.triton_kernels, or trinfer.cuda_kernels (same signatures)."""
+    if request.param == "triton":
+        import trinfer.triton_kernels as triton_kernels
+
+        return triton_kernels
+    module, reason = request.getfixturevalue("_cuda_backend")
+    if module is None:
+        pytest.skip(f"CUDA C++ backend: {reason}")
+    return module

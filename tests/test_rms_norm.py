@@ -1,9 +1,11 @@
-"""rms_norm and fused_add_rms_norm vs the fp32 reference and Hugging Face's LlamaRMSNorm."""
+"""rms_norm and fused_add_rms_norm vs the fp32 reference and Hugging Face's LlamaRMSNorm.
+
+Every test runs for each kernel backend (`kernel_backend`: Triton, and CUDA C++ where it can run; conftest.py).
+"""
 import pytest
 import torch
 
 from tolerances import DTYPES, assert_close, poisoned
-from trinfer.triton_kernels import fused_add_rms_norm, rms_norm
 from trinfer.triton_kernels.references import fused_add_rms_norm_ref, rms_norm_ref
 
 SHAPES = [(1, 1), (3, 7), (257, 576), (2, 4095), (1, 8192), (2, 3, 576)]
@@ -17,17 +19,17 @@ def _inputs(shape, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rms_norm_matches_reference(shape, dtype, device):
+def test_rms_norm_matches_reference(shape, dtype, device, kernel_backend):
     x, w = _inputs(shape, dtype, device)
     out = poisoned(shape, dtype, device)
-    got = rms_norm(x, w, 1e-5, out=out)
+    got = kernel_backend.rms_norm(x, w, 1e-5, out=out)
     assert got is out
     assert_close(got, rms_norm_ref(x, w, 1e-5), dtype)
-    assert_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), dtype)
+    assert_close(kernel_backend.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rms_norm_matches_hf_llama_rmsnorm(dtype, device):
+def test_rms_norm_matches_hf_llama_rmsnorm(dtype, device, kernel_backend):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     x, w = _inputs((5, 576), dtype, device)
@@ -35,7 +37,7 @@ def test_rms_norm_matches_hf_llama_rmsnorm(dtype, device):
     with torch.no_grad():
         hf.weight.copy_(w)
         expected = hf(x)
-    got = rms_norm(x, w, 1e-6)
+    got = kernel_backend.rms_norm(x, w, 1e-6)
     assert got.dtype == expected.dtype
     # Same casts as HF: fp16 outputs agree to the last bit except where fp32 summation order flips a rounding.
     assert_close(got, expected, dtype)
@@ -44,30 +46,30 @@ def test_rms_norm_matches_hf_llama_rmsnorm(dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_non_contiguous_rows(dtype, device):
+def test_rms_norm_non_contiguous_rows(dtype, device, kernel_backend):
     wide = torch.randn(9, 1200, device=device).to(dtype)
     x = wide[:, 100:676]  # rows of 576 with a row stride of 1200
     w = torch.randn(576, device=device).to(dtype)
-    assert_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), dtype)
+    assert_close(kernel_backend.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (257, 576), (2, 3, 4095)])
-def test_fused_add_rms_norm(shape, dtype, device):
+def test_fused_add_rms_norm(shape, dtype, device, kernel_backend):
     x, w = _inputs(shape, dtype, device)
     res = torch.randn(shape, device=device).to(dtype)
     res_ref = res.clone()
     expected = fused_add_rms_norm_ref(x, res_ref, w, 1e-5)
-    got = fused_add_rms_norm(x, res, w, 1e-5, out=poisoned(shape, dtype, device))
+    got = kernel_backend.fused_add_rms_norm(x, res, w, 1e-5, out=poisoned(shape, dtype, device))
     assert_close(res, res_ref, dtype, name="residual")
     assert_close(got, expected, dtype)
 
 
-def test_empty_batch_launches_nothing(device):
+def test_empty_batch_launches_nothing(device, kernel_backend):
     x = torch.empty(0, 64, device=device)
     w = torch.ones(64, device=device)
-    assert rms_norm(x, w, 1e-5).shape == (0, 64)
-    assert fused_add_rms_norm(x, x.clone(), w, 1e-5).shape == (0, 64)
+    assert kernel_backend.rms_norm(x, w, 1e-5).shape == (0, 64)
+    assert kernel_backend.fused_add_rms_norm(x, x.clone(), w, 1e-5).shape == (0, 64)
 
 
 @pytest.mark.parametrize(
@@ -85,23 +87,23 @@ def test_empty_batch_launches_nothing(device):
         (dict(x="not a tensor"), TypeError, ["x", "str"]),
     ],
 )
-def test_bad_inputs(kwargs, exc, words):
+def test_bad_inputs(kwargs, exc, words, kernel_backend):
     args = dict(x=torch.zeros(4, 8), weight=torch.ones(8), eps=1e-5, out=None)
     args.update(kwargs)
     with pytest.raises(exc) as info:
-        rms_norm(args["x"], args["weight"], args["eps"], out=args["out"])
+        kernel_backend.rms_norm(args["x"], args["weight"], args["eps"], out=args["out"])
     for w in words:
         assert w in str(info.value)
 
 
-def test_fused_bad_residual():
+def test_fused_bad_residual(kernel_backend):
     with pytest.raises(ValueError, match="residual"):
-        fused_add_rms_norm(torch.zeros(4, 8), torch.zeros(4, 9), torch.ones(8), 1e-5)
+        kernel_backend.fused_add_rms_norm(torch.zeros(4, 8), torch.zeros(4, 9), torch.ones(8), 1e-5)
 
 
-def test_compiles_fullgraph(device):
+def test_compiles_fullgraph(device, kernel_backend):
     def layer(x, r, w):
-        return rms_norm(fused_add_rms_norm(x, r, w, 1e-5), w, 1e-5) * 2
+        return kernel_backend.rms_norm(kernel_backend.fused_add_rms_norm(x, r, w, 1e-5), w, 1e-5) * 2
 
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
     x, w = _inputs((3, 64), torch.float32, device)
