@@ -27,38 +27,49 @@ BACKENDS = ("triton", "torch")
 
 @dataclass(frozen=True)
 class Backend:
-    """The non-matmul operations of the model, all with the signatures of `trinfer.triton_kernels`."""
+    """The non-matmul operations of the model, with the signatures of `trinfer.triton_kernels`.
+
+    Keyword arguments (`validate=`, `max_q_len=`, `max_seq_len=`: checks and launch sizes) are passed on to
+    the kernels; the references do not need them and ignore them.
+    """
 
     name: str
     rms_norm: Callable
     fused_add_rms_norm: Callable
-    rotary_write_kv_cache: Callable
+    rotary_write_kv_cache: Callable  # rotate q, k in place and store k, v at their cache slots
     silu_and_mul: Callable
     paged_prefill_attention: Callable
     paged_decode_attention: Callable
-    greedy_sample: Callable
+    lm_head_greedy: Callable  # (hidden, weight, return_logprobs=True) -> (ids, logprobs): LM head + argmax
     build_rope_cache: Callable
+
+
+def _ignoring_keywords(fn: Callable) -> Callable:
+    def call(*args, **_kwargs):
+        return fn(*args)
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    return call
 
 
 def get_backend(name: str) -> Backend:
     """`"triton"`: the Triton kernels. `"torch"`: their PyTorch references, which run anywhere."""
-    if name == "triton":
-        from trinfer import triton_kernels as K
+    from trinfer import triton_kernels as K
 
+    if name == "triton":
+        # The fused LM head + argmax: the logits never go to memory.
         return Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
-                       K.paged_prefill_attention, K.paged_decode_attention, K.greedy_sample, K.build_rope_cache)
+                       K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache)
     if name == "torch":
-        from trinfer import triton_kernels as K
         from trinfer.triton_kernels import references as R
 
-        def rotary_write_kv_cache_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
-            R.apply_rotary_ref(q, k, positions, cos_sin_cache)
-            R.write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        def lm_head_greedy(hidden, weight, return_logprobs=False):  # torch's matmul, then the argmax reference
+            return R.greedy_sample_ref(F.linear(hidden, weight), return_logprobs)
 
         return Backend("torch", R.rms_norm_ref, R.fused_add_rms_norm_ref,
-                       getattr(R, "rotary_write_kv_cache_ref", rotary_write_kv_cache_ref), R.silu_and_mul_ref,
-                       R.paged_prefill_attention_ref, R.paged_decode_attention_ref, R.greedy_sample_ref,
-                       K.build_rope_cache)
+                       _ignoring_keywords(R.rotary_write_kv_cache_ref), R.silu_and_mul_ref,
+                       _ignoring_keywords(R.paged_prefill_attention_ref),
+                       _ignoring_keywords(R.paged_decode_attention_ref), lm_head_greedy, K.build_rope_cache)
     raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
 
 
@@ -111,13 +122,14 @@ class DecoderLayer(nn.Module):
         k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         # Rotate q and k in place and store this step's K/V; attention then reads all K/V from the cache.
-        ops.rotary_write_kv_cache(q, k, v, meta.positions, rope, k_cache, v_cache, meta.slot_mapping)
+        ops.rotary_write_kv_cache(q, k, v, meta.positions, rope, k_cache, v_cache, meta.slot_mapping,
+                                  validate=validate)
         if meta.is_prefill:
             o = ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
                                             self.scale, max_q_len=meta.max_q_len, validate=validate)
         else:
             o = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                           validate=validate)
+                                           max_seq_len=meta.max_seq_len, validate=validate)
         return F.linear(o.reshape(T, self.q_size), self.o_proj)
 
 
@@ -153,5 +165,10 @@ class LlamaModel(nn.Module):
             h, residual = h[meta.logits_indices], residual[meta.logits_indices]
         return self.ops.fused_add_rms_norm(h, residual, self.norm, self.config.rms_norm_eps)
 
+    def sample(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy next token of each row of `hidden` (int64, on the device) and its fp32 log-probability."""
+        return self.ops.lm_head_greedy(hidden, self.lm_head, return_logprobs=True)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits `[B, vocab]` (not used for decoding: `sample` never writes them)."""
         return F.linear(hidden, self.lm_head)

@@ -1,7 +1,7 @@
 """Runs the model for a scheduled batch: builds the step's metadata, runs the forward pass, takes the argmax.
 
 Holds the model, the paged KV cache and the static decode buffers. The argmax (greedy_sample) runs on the
-device; only the chosen token ids and their log-probabilities come back to the host.
+device (fused with the LM head on the triton backend); only the chosen token ids and their log-probabilities come back to the host.
 """
 from __future__ import annotations
 
@@ -35,6 +35,5 @@ class ModelRunner:
         else:
             input_ids, meta = self.decode_buffers.fill(seqs, self.block_size)
         hidden = self.model(input_ids, meta, self.kv_cache)
-        logits = self.model.compute_logits(hidden)
-        token_ids, logprobs = self.backend.greedy_sample(logits, return_logprobs=True)
+        token_ids, logprobs = self.model.sample(hidden)
         return token_ids.tolist(), logprobs.tolist()

@@ -1,0 +1,77 @@
+"""The `trinfer` command: the default model answers a chat question; bad arguments fail with one clear line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trinfer.cli import build_parser, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from trinfer.runtime.default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except (FileNotFoundError, ImportError) as e:
+        pytest.skip(f"default model not installed: {e}")
+
+
+def test_generate_chat_answers_paris(default_model):
+    """`python -m trinfer generate --chat ...` in a fresh process: the default model, torch backend on the CPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trinfer", "generate", "--chat", "What is the capital of France?",
+         "--max-new-tokens", "32", "--device", "cpu"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "finish: eos" in proc.stderr and "time to first token" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from checkpoints import make_hf_checkpoint
+
+    return make_hf_checkpoint(str(tmp_path_factory.mktemp("cli")), "llama")
+
+
+def test_generate_stream_and_stop(tiny, capsys):
+    """--stream prints what the plain run prints; --stop cuts the text before the stop string."""
+    base = ["generate", "The capital of France is", "--model", tiny, "--max-new-tokens", "12", "--ignore-eos",
+            "--backend", "torch", "--dtype", "float32", "--device", "cpu"]
+    assert main(base) == 0
+    plain = capsys.readouterr()
+    assert "12 tokens, finish: length" in plain.err and "torch backend, float32, cpu" in plain.err
+    text = plain.out[:-1]  # the trailing newline
+    assert len(text) >= 6
+    assert main(base + ["--stream", "--quiet"]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out == plain.out and streamed.err == ""
+    stop = text[3:6]
+    assert main(base + ["--stream", "--stop", stop, "--quiet"]) == 0
+    assert capsys.readouterr().out == text[: text.index(stop)] + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--model", "/no/such/model"], "does not exist"),
+    (["generate", "", "--model", "/no/such/model"], "does not exist"),
+    (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens: expected an int >= 1, got 0"),
+    (["generate", "hi", "--device", "tpu"], "device"),
+])
+def test_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trinfer: error: ") and message in err and "Traceback" not in err
+
+
+def test_parser_has_subcommands():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+    args = parser.parse_args(["generate", "x", "--backend", "torch", "--dtype", "float32", "--chat"])
+    assert (args.command, args.prompt, args.backend, args.dtype, args.chat) == ("generate", "x", "torch", "float32", True)

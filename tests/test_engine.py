@@ -1,0 +1,234 @@
+"""The engine on small random-weight checkpoints (torch backend, CPU): continuous batching and preemption
+leave every request's tokens unchanged, stops, streaming, timings, abort, bad inputs, two engines at once."""
+import pytest
+import torch
+
+from checkpoints import make_hf_checkpoint
+from smol import default_model
+from trinfer.runtime import LLM, Engine, SamplingParams
+from trinfer.runtime.loader import load_model_files
+
+# Eight prompts of different lengths (token ids of the random model's vocabulary).
+PROMPTS = [[1] + [(7 * i + 3 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 17, 1, 9, 30, 5, 12, 24))]
+NEW = [12, 20, 16, 9, 14, 24, 11, 18]  # max_new_tokens of each
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_hf_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama", seed=1)
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return load_model_files(ckpt, device="cpu", dtype=torch.float32, progress=False)
+
+
+def engine(loaded, **kw):
+    kw.setdefault("backend", "torch")
+    kw.setdefault("block_size", 4)
+    return Engine(loaded, **kw)
+
+
+@pytest.fixture(scope="module")
+def alone(loaded):
+    """Each prompt run on its own engine, alone: the reference."""
+    ref = []
+    for prompt, n in zip(PROMPTS, NEW):
+        eng = engine(loaded)
+        rid = eng.add_request(prompt, max_new_tokens=n, ignore_eos=True)
+        outs = list(eng.run_until_done())
+        assert outs[-1].request_id == rid and outs[-1].finished
+        ref.append(outs[-1].token_ids)
+    return ref
+
+
+def run_staggered(eng, arrivals=(0, 0, 1, 2, 2, 4, 7, 9)):
+    """Add prompt i at step arrivals[i] while the others decode; return the final token ids in prompt order."""
+    ids, final, step = {}, {}, 0
+    while len(final) < len(PROMPTS):
+        for i, at in enumerate(arrivals):
+            if at == step:
+                ids[eng.add_request(PROMPTS[i], max_new_tokens=NEW[i], ignore_eos=True)] = i
+        for out in eng.step():
+            if out.finished:
+                final[ids[out.request_id]] = out.token_ids
+        step += 1
+        assert step < 500
+    return [final[i] for i in range(len(PROMPTS))]
+
+
+def test_continuous_batching_gives_the_tokens_of_each_alone(loaded, alone):
+    eng = engine(loaded, max_num_seqs=8)
+    assert run_staggered(eng) == alone
+    assert eng.num_preemptions == 0
+    assert eng.scheduler.block_manager.num_free_blocks == eng.scheduler.block_manager.num_blocks
+
+
+def test_preemption_gives_the_same_tokens(loaded, alone):
+    # 16 blocks of 4 tokens: the longest request (30 + 14 tokens) fits alone, not all eight together.
+    eng = engine(loaded, max_num_seqs=8, num_kv_blocks=16)
+    assert run_staggered(eng) == alone
+    assert eng.num_preemptions > 0
+    assert eng.scheduler.block_manager.num_free_blocks == 16
+
+
+def test_max_num_seqs_one_gives_the_same_tokens(loaded, alone):
+    eng = engine(loaded, max_num_seqs=1, block_size=8)
+    assert run_staggered(eng) == alone
+
+
+def test_two_engines_do_not_interfere(loaded, alone):
+    a, b = engine(loaded), engine(loaded, block_size=8)
+    ra = a.add_request(PROMPTS[1], max_new_tokens=NEW[1], ignore_eos=True)
+    rb = b.add_request(PROMPTS[4], max_new_tokens=NEW[4], ignore_eos=True)
+    assert ra == rb == 0  # ids are per engine
+    done = {}
+    while a.has_unfinished() or b.has_unfinished():
+        for name, eng in (("a", a), ("b", b)):
+            for out in eng.step():
+                if out.finished:
+                    done[name] = out.token_ids
+    assert done == {"a": alone[1], "b": alone[4]}
+
+
+def test_outputs_logprobs_timings(loaded, alone):
+    llm = LLM(loaded, backend="torch", block_size=4)
+    outs = llm.generate(PROMPTS[:3], sampling_params=[SamplingParams(max_new_tokens=n, ignore_eos=True)
+                                                      for n in NEW[:3]])
+    for out, prompt, n, ref in zip(outs, PROMPTS, NEW, alone):
+        assert out.prompt_token_ids == prompt
+        assert out.token_ids == ref and len(out.token_ids) == n and out.finish_reason == "length"
+        assert len(out.logprobs) == n and all(lp <= 0 for lp in out.logprobs)
+        t = out.timings
+        assert t.ttft > 0 and len(t.token_latencies) == n and t.token_latencies[0] == t.ttft
+        assert all(x >= 0 for x in t.token_latencies) and t.e2e >= t.ttft
+
+
+def test_eos_stops_and_is_kept(loaded, alone):
+    eos = alone[5][6]  # make the 7th generated token of prompt 5 an end-of-sequence id
+    eng = engine(loaded)
+    eng.eos_token_ids = frozenset({eos})
+    eng.add_request(PROMPTS[5], max_new_tokens=NEW[5])
+    out = list(eng.run_until_done())[-1]
+    first = alone[5].index(eos)
+    assert out.finish_reason == "eos" and out.token_ids == alone[5][: first + 1]
+    eng.add_request(PROMPTS[5], max_new_tokens=NEW[5], ignore_eos=True)
+    assert list(eng.run_until_done())[-1].token_ids == alone[5]
+
+
+def test_context_length_stop(loaded, alone):
+    eng = engine(loaded, max_model_len=20)
+    eng.add_request(PROMPTS[1], max_new_tokens=NEW[1], ignore_eos=True)  # 18 prompt tokens
+    out = list(eng.run_until_done())[-1]
+    assert out.finish_reason == "context" and out.token_ids == alone[1][:2]
+
+
+def test_abort(loaded):
+    eng = engine(loaded, num_kv_blocks=40)
+    keep = eng.add_request(PROMPTS[4], max_new_tokens=10, ignore_eos=True)
+    gone = eng.add_request(PROMPTS[7], max_new_tokens=10, ignore_eos=True)
+    eng.step()
+    eng.step()
+    out = eng.abort(gone)
+    assert out.finished and out.finish_reason == "abort" and len(out.token_ids) == 2
+    with pytest.raises(KeyError, match="unknown request id"):
+        eng.abort(gone)
+    with pytest.raises(KeyError, match="unknown request id 'nope'"):
+        eng.abort("nope")
+    waiting = eng.add_request(PROMPTS[0], max_new_tokens=3)
+    eng.abort(waiting)  # still waiting: never ran
+    outs = list(eng.run_until_done())
+    assert outs[-1].request_id == keep and len(outs[-1].token_ids) == 10
+    bm = eng.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+BAD = [
+    (dict(prompt=[]), ValueError, "at least one token"),
+    (dict(prompt=[1, 2, 10**6]), ValueError, r"token id 1000000 at position 2 is outside the vocabulary"),
+    (dict(prompt=[1, -3]), ValueError, "outside the vocabulary"),
+    (dict(prompt=[1, "a"]), TypeError, "expected an int"),
+    (dict(prompt=[1] * 300), ValueError, "do not fit the context of 256 tokens"),
+    (dict(prompt=[1, 2], max_new_tokens=0), ValueError, "max_new_tokens: expected an int >= 1, got 0"),
+    (dict(prompt=[1, 2], max_new_tokens=-5), ValueError, "max_new_tokens"),
+    (dict(prompt=[1, 2], max_new_tokens=2.5), TypeError, "max_new_tokens"),
+    (dict(prompt=[1, 2], max_new_tokens=200), ValueError, "whole cache has 16 blocks"),
+    (dict(prompt=[1, 2], stop=[""]), ValueError, "stop"),
+    (dict(prompt=3.0), TypeError, "prompt"),
+]
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(loaded, alone):
+    eng = engine(loaded, num_kv_blocks=16, max_model_len=256)
+    running = eng.add_request(PROMPTS[7], max_new_tokens=NEW[7], ignore_eos=True)
+    outs = eng.step()
+    for kwargs, exc, match in BAD:  # one bad request per step while the good one decodes
+        kwargs = dict(kwargs)
+        with pytest.raises(exc, match=match):
+            eng.add_request(kwargs.pop("prompt"), **kwargs)
+        outs += eng.step()
+    outs += list(eng.run_until_done())
+    assert outs[-1].request_id == running and outs[-1].token_ids == alone[7]
+    assert len(outs) == NEW[7] > len(BAD)
+    assert eng.add_request([1], request_id="x", max_new_tokens=2) == "x"
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1], request_id="x", max_new_tokens=2)
+
+
+def test_engine_argument_errors(loaded):
+    with pytest.raises(ValueError, match="backend"):
+        engine(loaded, backend="cuda")
+    with pytest.raises(ValueError, match="device"):
+        engine(loaded, device="tpu")
+    with pytest.raises(ValueError, match="dtype"):
+        engine(loaded, dtype="int8")
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine(loaded, max_model_len=10**9)
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        engine(loaded, num_kv_blocks=0)
+    with pytest.raises(ValueError, match="block_size"):
+        engine(loaded, block_size=0)
+    with pytest.raises(FileNotFoundError):
+        Engine("/nonexistent/model", backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text: the default model (a real tokenizer), a few tokens each.
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return default_model()[1]
+
+
+def test_streaming_deltas_and_stop_strings(smol):
+    eng = Engine(smol, backend="torch", num_kv_blocks=8)
+    prompt = "The three primary colors are"
+    eng.add_request(prompt, max_new_tokens=16, ignore_eos=True)
+    outs = list(eng.run_until_done())
+    full = outs[-1]
+    assert "".join(o.delta_text for o in outs) == full.text
+    assert [t for o in outs for t in o.delta_token_ids] == full.token_ids
+    assert full.text == smol.tokenizer.decode(full.token_ids)
+    # stop at a string that appears mid-text (and may end inside a token): the text stops right before it
+    words = full.text.split()
+    stop = words[len(words) // 2][:3]
+    cut = full.text.index(stop)
+    eng.add_request(prompt, max_new_tokens=16, stop=["@@never@@", stop], ignore_eos=True)
+    outs = list(eng.run_until_done())
+    out = outs[-1]
+    assert out.finish_reason == "stop" and out.text == full.text[:cut]
+    assert "".join(o.delta_text for o in outs) == out.text  # no delta leaked any part of the stop string
+    assert out.token_ids == full.token_ids[: len(out.token_ids)] and len(out.token_ids) < 16
+
+
+def test_chat_answers_and_ends_with_eos(smol):
+    llm = LLM(smol, backend="torch", num_kv_blocks=8)
+    out = llm.generate("What is the capital of France?", max_new_tokens=24, chat=True)[0]
+    assert "Paris" in out.text and out.finish_reason == "eos"
+    assert out.token_ids[-1] in smol.config.eos_token_ids and "<|im_end|>" not in out.text
+    with pytest.raises(ValueError, match="non-empty"):
+        llm.generate("", chat=True)
+    with pytest.raises(ValueError, match="non-empty"):
+        llm.generate(["fine", ""], max_new_tokens=4)  # all validated before anything runs
+    assert not llm.engine.has_unfinished()
