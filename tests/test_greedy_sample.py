@@ -1,9 +1,11 @@
-"""greedy_sample vs torch.argmax / logsumexp (the reference): ties, NaN, infinities, real vocabularies."""
+"""greedy_sample vs torch.argmax / logsumexp (the reference): ties, NaN, infinities, real vocabularies.
+
+Kernel tests run for each backend (`kernel_backend`: Triton, and CUDA C++ where it can run; conftest.py).
+"""
 import pytest
 import torch
 
 from tolerances import DTYPES, assert_close, poisoned
-from trinfer.triton_kernels import greedy_sample
 from trinfer.triton_kernels.references import greedy_sample_ref
 from trinfer.triton_kernels.sampling import sample_launch_config
 
@@ -15,12 +17,12 @@ def _poisoned_out(batch, device):
     return torch.full((batch,), -7, dtype=torch.int64, device=device), poisoned((batch,), torch.float32, device)
 
 
-def _check(logits, device, ids_only_form=True):
-    """Both forms (ids + logprobs into poisoned buffers; ids only) against the reference."""
+def _check(m, logits, device, ids_only_form=True):
+    """Both forms of backend `m` (ids + logprobs into poisoned buffers; ids only) against the reference."""
     batch = logits.shape[0]
     ids_ref, lp_ref = greedy_sample_ref(logits, return_logprobs=True)
     out = _poisoned_out(batch, device)
-    ids, lp = greedy_sample(logits, return_logprobs=True, out=out)
+    ids, lp = m.greedy_sample(logits, return_logprobs=True, out=out)
     assert ids is out[0] and lp is out[1]
     assert ids.dtype == torch.int64 and lp.dtype == torch.float32
     assert torch.equal(ids.cpu(), ids_ref.cpu()), f"ids {ids.tolist()} != {ids_ref.tolist()}"
@@ -28,7 +30,7 @@ def _check(logits, device, ids_only_form=True):
     assert_close(lp, lp_ref, torch.float32, scale=4, name="logprobs")
     assert torch.equal(lp.isnan().cpu(), lp_ref.isnan().cpu())
     if ids_only_form:
-        ids_only = greedy_sample(logits, out=out[0].fill_(-7))
+        ids_only = m.greedy_sample(logits, out=out[0].fill_(-7))
         assert torch.equal(ids_only.cpu(), ids_ref.cpu())
 
 
@@ -44,19 +46,19 @@ def _planted(batch, vocab, dtype, device, scale=3.0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_real_vocab_sizes(vocab, dtype, device):
-    _check(_planted(1, vocab, dtype, device), device)
+def test_real_vocab_sizes(vocab, dtype, device, kernel_backend):
+    _check(kernel_backend, _planted(1, vocab, dtype, device), device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, vocab", [(1, 1), (3, 7), (3, 1023), (2, 1025), (1, 3000)])
-def test_awkward_shapes(batch, vocab, dtype, device):
-    _check(_planted(batch, vocab, dtype, device), device)
-    _check((torch.randn(batch, vocab, device=device) * 5).to(dtype), device)
+def test_awkward_shapes(batch, vocab, dtype, device, kernel_backend):
+    _check(kernel_backend, _planted(batch, vocab, dtype, device), device)
+    _check(kernel_backend, (torch.randn(batch, vocab, device=device) * 5).to(dtype), device)
 
 
-def test_many_rows(device):
-    _check(_planted(257, 5, torch.float16, device), device, ids_only_form=False)
+def test_many_rows(device, kernel_backend):
+    _check(kernel_backend, _planted(257, 5, torch.float16, device), device, ids_only_form=False)
 
 
 def _special_rows(vocab, device):
@@ -79,37 +81,37 @@ def _special_rows(vocab, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ties_nan_and_infinities(dtype, device):
+def test_ties_nan_and_infinities(dtype, device, kernel_backend):
     vocab = 8000
     x = _special_rows(vocab, device).to(dtype)
-    _check(x, device)
-    ids = greedy_sample(x)
+    _check(kernel_backend, x, device)
+    ids = kernel_backend.greedy_sample(x)
     assert ids[:8].tolist() == [0, 0, 0, 1100, 1023, vocab - 1, 2050, 5]
 
 
-def test_tie_between_inf_and_nan_rows_in_large_vocab(device):
+def test_tie_between_inf_and_nan_rows_in_large_vocab(device, kernel_backend):
     x = torch.randn(2, 151936, device=device)
     x[0, 140000] = NAN
     x[0, 3] = INF
     x[1, [150000, 130000]] = 50.0
-    _check(x, device, ids_only_form=False)
+    _check(kernel_backend, x, device, ids_only_form=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_rows(dtype, device):
+def test_non_contiguous_rows(dtype, device, kernel_backend):
     wide = (torch.randn(5, 9000, device=device) * 3).to(dtype)
     x = wide[::2, 100:8292]  # row stride 18000, vocab 8192
     assert not x.is_contiguous()
-    _check(x, device)
+    _check(kernel_backend, x, device)
 
 
-def test_logprob_is_logit_minus_logsumexp_and_batch_invariant(device):
+def test_logprob_is_logit_minus_logsumexp_and_batch_invariant(device, kernel_backend):
     x = torch.randn(6, 50000, device=device) * 4
-    ids, lp = greedy_sample(x, return_logprobs=True)
+    ids, lp = kernel_backend.greedy_sample(x, return_logprobs=True)
     xd = x.double()
     assert_close(lp, xd.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(xd, -1), torch.float32, scale=4)
     for b in (0, 5):
-        ids1, lp1 = greedy_sample(x[b : b + 1], return_logprobs=True)
+        ids1, lp1 = kernel_backend.greedy_sample(x[b : b + 1], return_logprobs=True)
         assert ids1.item() == ids[b].item()
         assert torch.equal(lp1, lp[b : b + 1]), "logprob depends on the batch size"
 
@@ -123,10 +125,10 @@ def test_launch_config_splits_large_rows():
         assert cfg["n_chunks"] <= cfg["block_c"] <= 1024
 
 
-def test_empty_batch_launches_nothing(device):
+def test_empty_batch_launches_nothing(device, kernel_backend):
     x = torch.empty(0, 100, device=device)
-    assert greedy_sample(x).shape == (0,)
-    ids, lp = greedy_sample(x, return_logprobs=True)
+    assert kernel_backend.greedy_sample(x).shape == (0,)
+    ids, lp = kernel_backend.greedy_sample(x, return_logprobs=True)
     assert ids.shape == (0,) and lp.shape == (0,) and ids.dtype == torch.int64
 
 
@@ -150,19 +152,19 @@ def test_empty_batch_launches_nothing(device):
         (dict(return_logprobs=1), TypeError, ["return_logprobs", "bool", "int"]),
     ],
 )
-def test_bad_inputs(kwargs, exc, words):
+def test_bad_inputs(kwargs, exc, words, kernel_backend):
     args = dict(logits=torch.zeros(2, 8), return_logprobs=False, out=None)
     args.update(kwargs)
     with pytest.raises(exc) as info:
-        greedy_sample(args["logits"], return_logprobs=args["return_logprobs"], out=args["out"])
+        kernel_backend.greedy_sample(args["logits"], return_logprobs=args["return_logprobs"], out=args["out"])
     for w in words:
         assert w in str(info.value)
 
 
-def test_compiles_fullgraph(device):
+def test_compiles_fullgraph(device, kernel_backend):
     def step(logits, ids_buf, lp_buf):
-        ids, lp = greedy_sample(logits * 2, return_logprobs=True, out=(ids_buf, lp_buf))
-        return greedy_sample(logits) + ids, lp * 2
+        ids, lp = kernel_backend.greedy_sample(logits * 2, return_logprobs=True, out=(ids_buf, lp_buf))
+        return kernel_backend.greedy_sample(logits) + ids, lp * 2
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     x = torch.randn(3, 2000, device=device)
@@ -175,6 +177,6 @@ def test_compiles_fullgraph(device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_full_batch_cuda(vocab, dtype, device):
-    _check(_planted(256, vocab, dtype, device), device)
-    _check(_special_rows(vocab, device).to(dtype), device)
+def test_full_batch_cuda(vocab, dtype, device, kernel_backend):
+    _check(kernel_backend, _planted(256, vocab, dtype, device), device)
+    _check(kernel_backend, _special_rows(vocab, device).to(dtype), device)
