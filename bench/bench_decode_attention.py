@@ -101,8 +101,13 @@ def _args(i):
     return i["q"], i["k_cache"], i["v_cache"], i["block_tables"], i["seq_lens"], i["scale"]
 
 
-def _triton(i):
-    op = H.triton_op("paged_decode_attention")
+def _with_workspace(get_op):
+    """Build a call of `get_op()` (ours: Triton or CUDA C++) as the engine makes it: preallocated `out` and
+    split workspace, `max_seq_len` given on the host (no allocation, no sync per call)."""
+    return lambda i: _paged_decode(get_op(), i)
+
+
+def _paged_decode(op, i):
     kwargs = {"out": i["out"], "max_seq_len": i["context"]}
     try:  # a preallocated split workspace, as the engine passes it (no allocation per call)
         from trinfer.triton_kernels.attention import decode_workspace_numel
@@ -171,7 +176,9 @@ def benchmarks() -> list[H.Benchmark]:
                                      ref_skip=_ref_skip, libraries=library_providers())
     for p in providers:
         if p.name == "triton":
-            p.build = _triton
+            p.build = _with_workspace(lambda: H.triton_op("paged_decode_attention"))
+        elif p.name == "cuda":
+            p.build = _with_workspace(lambda: H.cuda_op("paged_decode_attention"))
     return [H.Benchmark("paged_decode_attention", "one query per sequence over its paged K/V", cases, providers)]
 
 

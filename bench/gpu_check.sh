@@ -9,9 +9,9 @@
 #   cuda_jit   JIT-build the CUDA C++ backend (trinfer.cuda_kernels.load_jit) when that module exists
 #   tests      the whole test suite natively (python -m pytest tests), @pytest.mark.cuda tests included
 #   kernels    every kernel benchmark in --quick mode (python -m bench.run_all --quick)
-#   e2e        HOOK (phase 2): the end-to-end decode benchmark at both shapes, once bench/bench_e2e.py exists
+#   e2e        the end-to-end decode benchmark at both shapes (python -m bench.bench_e2e --quick)
 # Output: $OUT when set, else bench/results/<UTC date>/ : gpu_check.log (every part's output), kernels.json,
-# kernels.md, kernels.png, summary.txt (at most 8 files: what the device tool brings back). The summary is
+# kernels.md, kernels.png, e2e.json, e2e.md, summary.txt (at most 8 files: what the device tool brings back). The summary is
 # printed LAST. Budget: under ~6 minutes on an H200; override a part's limit with T_JIT, T_TESTS, T_KERNELS,
 # T_E2E (seconds), the interpreter with PYTHON, the pytest-xdist workers with TEST_WORKERS (0: none).
 set -u -o pipefail
@@ -19,10 +19,10 @@ cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-T_JIT=${T_JIT:-80}
-T_TESTS=${T_TESTS:-110}
-T_KERNELS=${T_KERNELS:-110}
-T_E2E=${T_E2E:-50}
+T_JIT=${T_JIT:-70}
+T_TESTS=${T_TESTS:-100}
+T_KERNELS=${T_KERNELS:-95}
+T_E2E=${T_E2E:-100}
 OUTDIR=${OUT:-bench/results/$(date -u +%F)}
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_check.log"
@@ -68,7 +68,7 @@ part_detail() {  # one line of what a part produced
       else echo "no final line; so far: $(grep -c ' PASSED' "$2") passed, $(grep -c ' FAILED' "$2") failed, $(grep -c ' ERROR' "$2") errors, $(grep -c ' SKIPPED' "$2") skipped"
       fi ;;
     kernels) grep -m1 '^\[bench\] wrote' "$2" | sed 's/^\[bench\] //' | cut -c1-110 ;;
-    e2e) tail -n 1 "$2" | cut -c1-110 ;;
+    e2e) grep -m1 '^\[e2e\] wrote' "$2" | sed 's/^\[e2e\] //' | cut -c1-110 ;;
   esac
 }
 
@@ -121,11 +121,13 @@ run_part tests "$T_TESTS" $PY "${TEST_ARGS[@]}"
 # that), so the files are always written.
 run_part kernels "$T_KERNELS" $PY -m bench.run_all --quick --out "$OUTDIR" --budget-s $((T_KERNELS - 25))
 
-# ---- e2e (phase 2 hook) ---------------------------------------------------------------------------------
+# ---- e2e ------------------------------------------------------------------------------------------------
+# Both shapes (Llama-3.2-1B, Llama-3-8B), batch 1, prompt 512, 32 new tokens: trinfer and transformers eager
+# first, then transformers static cache + torch.compile where the remaining budget fits its compile.
 if [ -f bench/bench_e2e.py ]; then
-  run_part e2e "$T_E2E" $PY -m bench.bench_e2e --quick --out "$OUTDIR"
+  run_part e2e "$T_E2E" $PY -m bench.bench_e2e --quick --out "$OUTDIR" --budget-s $((T_E2E - 15)) --no-plot
 else
-  skip_part e2e "not implemented yet: bench/bench_e2e.py (phase 2 hook)"
+  skip_part e2e "bench/bench_e2e.py not found"
 fi
 
 # ---- summary (printed last) -----------------------------------------------------------------------------
@@ -137,8 +139,9 @@ fi
   else
     echo "(no kernels*.json written)"
   fi
-  if [ -f "$OUTDIR/e2e.json" ] && $PY -c "import bench.summarize_e2e" 2>/dev/null; then
-    $PY -m bench.summarize_e2e "$OUTDIR/e2e.json" 2>&1 || true
+  EJSON=$(ls "$OUTDIR"/e2e*.json 2>/dev/null | head -n 1)
+  if [ -n "$EJSON" ]; then
+    $PY -m bench.summarize "$EJSON" 2>&1 || echo "(summarize e2e failed)"
   fi
   echo
   echo "== trinfer GPU check: $((SECONDS - T0))s total; results in $OUTDIR"

@@ -427,7 +427,8 @@ def cuda_backend():
         except Exception as exc:  # noqa: BLE001 - the reason goes into the row
             raise Skip(f"trinfer.cuda_kernels.load_jit() failed: {type(exc).__name__}: {exc}") from None
     if not available():
-        raise Skip("trinfer.cuda_kernels is not built here (is_available() is False)")
+        why = getattr(ck, "unavailable_reason", lambda: None)()
+        raise Skip(f"trinfer.cuda_kernels unavailable: {why or 'is_available() is False'}")
     return ck
 
 

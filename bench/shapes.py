@@ -1,11 +1,14 @@
-"""The one table of real model shapes and sweep sizes that every benchmark uses.
+"""The model shapes and sweep sizes that every kernel benchmark uses.
 
-Numbers are those of the published Hugging Face configs (config.json) of each model. Benchmarks take their
-sizes from here and nowhere else, so "Llama-3-8B, batch 64" means the same tensor shapes in every table.
+Model numbers are those of the published Hugging Face configs (config.json), kept in one table in the
+package (`trinfer.runtime.random_model.MODEL_SHAPES`) and read from there. Benchmarks take their sizes from
+this module and nowhere else, so "Llama-3-8B, batch 64" means the same tensor shapes in every table.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from trinfer.runtime.random_model import MODEL_SHAPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +33,19 @@ class ModelShape:
         return self.n_kv_heads * self.head_dim
 
 
-SMOLLM2_135M = ModelShape("SmolLM2-135M", hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,
-                          vocab=49152, n_layers=30, rope_theta=100000.0)
-LLAMA_3_2_1B = ModelShape("Llama-3.2-1B", hidden=2048, n_heads=32, n_kv_heads=8, head_dim=64, intermediate=8192,
-                          vocab=128256, n_layers=16, rope_theta=500000.0)
-LLAMA_3_8B = ModelShape("Llama-3-8B", hidden=4096, n_heads=32, n_kv_heads=8, head_dim=128, intermediate=14336,
-                        vocab=128256, n_layers=32, rope_theta=500000.0)
+def from_config(name: str, cfg: dict) -> ModelShape:
+    """A ModelShape from a config.json dict."""
+    return ModelShape(name, hidden=cfg["hidden_size"], n_heads=cfg["num_attention_heads"],
+                      n_kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
+                      intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"],
+                      n_layers=cfg["num_hidden_layers"], rope_theta=cfg["rope_theta"], rms_eps=cfg["rms_norm_eps"])
+
+
+# The real shapes come from the package's one table of published configs (also used by the end-to-end
+# benchmark and `trinfer profile` to make random-weight models).
+SMOLLM2_135M = from_config("SmolLM2-135M", MODEL_SHAPES["SmolLM2-135M"])
+LLAMA_3_2_1B = from_config("Llama-3.2-1B", MODEL_SHAPES["Llama-3.2-1B"])
+LLAMA_3_8B = from_config("Llama-3-8B", MODEL_SHAPES["Llama-3-8B"])
 
 # A toy shape for --tiny / --cpu-smoke runs (the Triton interpreter costs ~3 ms per program loop trip):
 # GQA group 2, head_dim 64 (what the attention kernels serve), everything else small.

@@ -1,6 +1,8 @@
-"""A short summary of kernel benchmark results: one line per case, ours against the best other provider.
+"""A short summary of benchmark results: one line per case, ours against the best other provider.
 
-    python -m bench.summarize bench/results/<date>/kernels.json [more.json ...]
+    python -m bench.summarize bench/results/<date>/kernels.json [e2e.json ...]
+
+End-to-end files (bench/bench_e2e.py) get one line per shape, batch, prompt length and system.
 
 For each case: our Triton kernel's median, its GB/s (memory-bound kernels) or TFLOP/s (prefill attention)
 and the fraction of the ceiling measured in the same run; the fastest other provider that ran (reference,
@@ -67,6 +69,31 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def e2e_lines(data: dict[str, Any]) -> list[str]:
+    """One line per (shape, batch, prompt, system) of an end-to-end run (bench/bench_e2e.py)."""
+    env = data["env"]
+    lines = ["!! " + data["banner"]] if data.get("banner") else []
+    lines.append(f"end-to-end greedy decode | {env.get('gpu') or 'CPU'} | transformers {env.get('transformers')} | "
+                 f"copy {data['ceilings']['copy_gbps']:.0f} GB/s")
+    head = (f"{'shape':<14} {'batch':>5} {'prompt':>6} {'system':<11} {'TTFT ms':>9} {'TPOT ms':>8} {'p90':>7} "
+            f"{'tok/s':>8} {'%floor':>6}  match")
+    lines += [head, "-" * len(head)]
+    for r in data["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['shape']:<14} {r['batch']:>5} {r['prompt_len']:>6} {r['system']:<11} "
+                         f"{r['status']}: {(r['error'] or '')[:60]}")
+            continue
+
+        def f(v, spec):
+            return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+        match = f"{r['match_tokens']}/{r['new_tokens']}" if r.get("match_tokens") is not None else ""
+        lines.append(f"{r['shape']:<14} {r['batch']:>5} {r['prompt_len']:>6} {r['system']:<11} "
+                     f"{f(r['ttft_ms'], '9.1f')} {f(r['tpot_median_ms'], '8.2f')} {f(r['tpot_p90_ms'], '7.2f')} "
+                     f"{f(r['tokens_per_s'], '8.1f')} {f(r['pct_floor'], '6.0f')}  {match}")
+    return lines
+
+
 def main(argv=None) -> int:
     paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
     if not paths:
@@ -80,7 +107,8 @@ def main(argv=None) -> int:
             continue
         data = json.loads(p.read_text())
         print(f"== {p}")
-        print("\n".join(summary_lines(data)))
+        lines = e2e_lines(data) if str(data.get("schema", "")).startswith("trinfer-e2e") else summary_lines(data)
+        print("\n".join(lines))
     return status
 
 

@@ -310,3 +310,63 @@ def test_gpu_check_script_parses():
     subprocess.run([bash, "-n", str(script)], check=True)
     text = script.read_text()
     assert "bench.run_all --quick" in text and "pytest tests" in text and '${OUT:-' in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End-to-end decode benchmark and the host-overhead suite
+# ---------------------------------------------------------------------------------------------------------
+
+def test_e2e_smoke(tmp_path):
+    from bench import bench_e2e
+
+    args = ["--out", str(tmp_path), "--no-plot" if HAS_CUDA else "--cpu-smoke"]
+    if HAS_CUDA:  # the GPU path at toy size: Triton backend, CUDA timing of the ceilings, transformers on CUDA
+        args += ["--shapes", "tiny", "--batches", "1,2", "--prompts", "8", "--new-tokens", "4", "--dtype", "fp32",
+                 "--systems", "trinfer,hf_eager"]
+    data = bench_e2e.main(args)
+    name = "e2e" if HAS_CUDA else "e2e.cpu-smoke"
+    on_disk = _strict_json(tmp_path / f"{name}.json")
+    assert (tmp_path / f"{name}.md").exists()
+    rows = {(r["system"], r["batch"]): r for r in on_disk["rows"]}
+    for batch in (1, 2):
+        for system in ("trinfer", "hf_eager"):
+            r = rows[(system, batch)]
+            assert r["status"] == "ok", r
+            assert r["ttft_ms"] > 0 and r["tpot_median_ms"] > 0 and r["tokens_per_s"] > 0
+            assert r["step_bytes"] > 0 and r["floor_ms"] > 0
+        trinfer = rows[("trinfer", batch)]
+        assert trinfer["match_vs"] == "hf_eager" and trinfer["match_tokens"] is not None
+        if not HAS_CUDA:  # fp32 on the CPU, same weights: the greedy tokens must agree throughout
+            assert trinfer["match_tokens"] == trinfer["new_tokens"]
+    if not HAS_CUDA:
+        assert rows[("hf_compile", 1)]["status"] == "skipped"
+        assert data["banner"] and "NOT GPU" in (tmp_path / f"{name}.md").read_text()
+
+
+def test_e2e_counts():
+    from bench.bench_e2e import common_prefix, step_bytes, tpot_stats
+    from trinfer.runtime.config import ModelConfig
+    from trinfer.runtime.random_model import MODEL_SHAPES, weight_bytes
+
+    cfg = ModelConfig.from_hf(MODEL_SHAPES["Llama-3-8B"])
+    w = weight_bytes(cfg, torch.bfloat16)
+    assert w == 8_030_261_248 * 2  # Llama-3-8B's parameter count
+    # Untied: the input embedding is read only for the batch's rows; K/V of 32 layers x 8 heads x 128.
+    embed = 128256 * 4096 * 2
+    assert step_bytes(cfg, w, batch=1, context=0, elem=2) == w - embed + 4096 * 2
+    assert step_bytes(cfg, w, 2, 10, 2) - step_bytes(cfg, w, 2, 0, 2) == 2 * 32 * 10 * 8 * 128 * 2 * 2 + 0
+    tied = ModelConfig.from_hf(MODEL_SHAPES["Llama-3.2-1B"])
+    assert step_bytes(tied, 100, 1, 0, 2) == 100
+    assert tpot_stats([0.0, 1.0, 3.0, 6.0]) == (2.0, pytest.approx(2.8))
+    assert tpot_stats([1.0]) == (None, None)
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
+
+
+def test_host_overhead_suite_runs():
+    """The pytest-benchmark suite, each benchmark once (--benchmark-disable), so it cannot rot."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         str(ROOT / "bench" / "bench_host_overhead.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "15 passed" in proc.stdout

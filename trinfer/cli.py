@@ -2,6 +2,7 @@
 
     trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat] [--stream] [--stop S]
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch] [--device cpu|cuda]
+    trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
 
 Each command is a pair of functions: `_add_<command>(subparsers)` declares its arguments and
 `_run_<command>(args)` runs it; `_COMMANDS` lists them. Errors in the user's input print one line
@@ -64,7 +65,21 @@ def _run_generate(args) -> int:
     return 0
 
 
-_COMMANDS = (("generate", _add_generate, _run_generate),)
+def _add_profile(sub) -> None:
+    from trinfer import profiler
+
+    p = sub.add_parser("profile", help="per-kernel time of a prefill and a decode step, host overhead, traces",
+                       description=profiler.__doc__.split("\n\n")[0])
+    profiler.add_arguments(p)
+
+
+def _run_profile(args) -> int:
+    from trinfer import profiler
+
+    return profiler.run_cli(args)
+
+
+_COMMANDS = (("generate", _add_generate, _run_generate), ("profile", _add_profile, _run_profile))
 
 
 def build_parser() -> argparse.ArgumentParser:
