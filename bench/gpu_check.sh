@@ -19,10 +19,10 @@ cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-T_JIT=${T_JIT:-70}
-T_TESTS=${T_TESTS:-100}
-T_KERNELS=${T_KERNELS:-95}
-T_E2E=${T_E2E:-100}
+T_JIT=${T_JIT:-60}
+T_TESTS=${T_TESTS:-90}
+T_KERNELS=${T_KERNELS:-80}
+T_E2E=${T_E2E:-130}
 OUTDIR=${OUT:-bench/results/$(date -u +%F)}
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_check.log"
@@ -79,7 +79,7 @@ skip_part() {  # skip_part NAME REASON
 }
 
 # ---- env ------------------------------------------------------------------------------------------------
-run_part env 30 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
+run_part env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true
 $PY - <<'EOF'
 import platform, torch, triton
 p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
