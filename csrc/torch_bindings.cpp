@@ -284,6 +284,7 @@ TORCH_LIBRARY_IMPL(trinfer_cuda, CUDA, m) {
 #endif
 PyMODINIT_FUNC TRINFER_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, TRINFER_STR(TORCH_EXTENSION_NAME),
-                            "trinfer's CUDA C++ kernels; importing registers torch.ops.trinfer_cuda", -1, nullptr};
+                            "trinfer's CUDA C++ kernels; importing registers torch.ops.trinfer_cuda", -1, nullptr,
+                            nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);
 }
