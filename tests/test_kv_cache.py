@@ -1,10 +1,12 @@
-"""write_kv_cache vs its reference, and the layout helpers of kv_cache_layout."""
+"""write_kv_cache vs its reference, and the layout helpers of kv_cache_layout.
+
+write_kv_cache tests run for each backend (`kernel_backend`: Triton, and CUDA C++ where it can run; conftest.py).
+"""
 import pytest
 import torch
 
 from paged_cache import poison_
 from tolerances import DTYPES
-from trinfer.triton_kernels import write_kv_cache
 from trinfer.triton_kernels.kv_cache_layout import (
     DEFAULT_BLOCK_SIZE,
     allocate_kv_cache,
@@ -25,7 +27,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim, kv_heads, block_size", [(64, 2, 16), (80, 3, 4), (64, 1, 1), (128, 8, 256)])
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_write_matches_reference(head_dim, kv_heads, block_size, dtype, slot_dtype, device):
+def test_write_matches_reference(head_dim, kv_heads, block_size, dtype, slot_dtype, device, kernel_backend):
     tokens, q_heads = 11, 2 * kv_heads
     num_blocks = 4 + tokens // block_size + 1
     # k and v as strided views of a fused qkv projection output: [tokens, (q + 2 kv) heads * head_dim].
@@ -38,12 +40,12 @@ def test_write_matches_reference(head_dim, kv_heads, block_size, dtype, slot_dty
     k_cache, v_cache = (poison_(torch.empty(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device))
                         for _ in range(2))
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    write_kv_cache(k, v, k_cache, v_cache, slots, validate=True)
+    kernel_backend.write_kv_cache(k, v, k_cache, v_cache, slots, validate=True)
     write_kv_cache_ref(k, v, k_ref, v_ref, slots)
     assert _same(k_cache, k_ref) and _same(v_cache, v_ref)  # a copy: bit-exact, and nothing else touched
 
 
-def test_write_into_slices_of_one_allocation(device):
+def test_write_into_slices_of_one_allocation(device, kernel_backend):
     """Caches that are views (one [2, blocks, bs, heads, d] tensor, one layer of a stacked cache) work."""
     kv = poison_(torch.empty(3, 2, 6, 4, 2, 64, device=device).half().view(36, 4, 2, 64)).view(3, 2, 6, 4, 2, 64)
     k_cache, v_cache = kv[1, 0], kv[1, 1]
@@ -51,20 +53,20 @@ def test_write_into_slices_of_one_allocation(device):
     slots = torch.tensor([0, 23, 5, -1, 12], device=device)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     before = kv.clone()
-    write_kv_cache(k, v, k_cache, v_cache, slots)
+    kernel_backend.write_kv_cache(k, v, k_cache, v_cache, slots)
     write_kv_cache_ref(k, v, k_ref, v_ref, slots)
     assert _same(k_cache, k_ref) and _same(v_cache, v_ref)
     assert _same(kv[0], before[0]) and _same(kv[2], before[2])
 
 
-def test_write_empty_and_all_padding(device):
+def test_write_empty_and_all_padding(device, kernel_backend):
     k_cache, v_cache = allocate_kv_cache(2, 16, 2, 64, dtype=torch.float16, device=device)
     poison_(k_cache), poison_(v_cache)
     before = k_cache.clone()
     empty = torch.empty(0, 2, 64, dtype=torch.float16, device=device)
-    write_kv_cache(empty, empty, k_cache, v_cache, torch.empty(0, dtype=torch.int64, device=device))
+    kernel_backend.write_kv_cache(empty, empty, k_cache, v_cache, torch.empty(0, dtype=torch.int64, device=device))
     x = torch.randn(3, 2, 64, device=device).half()
-    write_kv_cache(x, x, k_cache, v_cache, torch.full((3,), -1, device=device))
+    kernel_backend.write_kv_cache(x, x, k_cache, v_cache, torch.full((3,), -1, device=device))
     assert _same(k_cache, before)
 
 
@@ -89,11 +91,11 @@ def _args():
         (dict(slot_mapping=torch.tensor([0, 1])), ValueError, ["slot_mapping", "3", "2"]),
     ],
 )
-def test_write_bad_inputs(change, exc, words):
+def test_write_bad_inputs(change, exc, words, kernel_backend):
     args = _args()
     args.update(change)
     with pytest.raises(exc) as info:
-        write_kv_cache(**args)
+        kernel_backend.write_kv_cache(**args)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
 
@@ -102,11 +104,11 @@ def test_write_bad_inputs(change, exc, words):
     "slots, words",
     [([0, 64, 1], ["slot_mapping", "[-1, 64)", "64", "token 1"]), ([0, -2, 1], ["-2"]), ([5, 7, 5], ["at most once", "slot 5 2 times"])],
 )
-def test_write_validate(slots, words):
+def test_write_validate(slots, words, kernel_backend):
     args = _args()
     args["slot_mapping"] = torch.tensor(slots)
     with pytest.raises(ValueError) as info:
-        write_kv_cache(**args, validate=True)
+        kernel_backend.write_kv_cache(**args, validate=True)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
 
