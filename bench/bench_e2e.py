@@ -77,24 +77,27 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-class _Clock:
-    """A transformers streamer that timestamps each generated token (the first `put` is the prompt)."""
+def _clock(device: torch.device):
+    """A transformers streamer that timestamps each generated token (its first `put` is the prompt)."""
+    from transformers.generation.streamers import BaseStreamer
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.times: list[float] = []
-        self._seen_prompt = False
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+            self._seen_prompt = False
 
-    def put(self, value):
-        if not self._seen_prompt:
-            self._seen_prompt = True
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.times.append(time.perf_counter())
+        def put(self, value):
+            if not self._seen_prompt:
+                self._seen_prompt = True
+                return
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.times.append(time.perf_counter())
 
-    def end(self):
-        pass
+        def end(self):
+            pass
+
+    return Clock()
 
 
 class _Shape:
@@ -156,7 +159,10 @@ def run_hf(shape: _Shape, prompts: list[list[int]], new: int, compiled: bool
     model = shape.hf()
     device = shape.loaded.weights["embed_tokens"].device
     input_ids = torch.tensor(prompts, dtype=torch.long, device=device)
-    kwargs: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=1,
+    # No end-of-sequence id: generation neither stops at EOS nor masks it (min_new_tokens would), so every
+    # step is a plain argmax over the whole vocabulary, as trinfer's ignore_eos decoding is.
+    model.generation_config.eos_token_id = None
+    kwargs: dict[str, Any] = dict(max_new_tokens=new, do_sample=False, num_beams=1,
                                   attention_mask=torch.ones_like(input_ids), pad_token_id=0)
     note = ""
     if compiled:
@@ -167,7 +173,7 @@ def run_hf(shape: _Shape, prompts: list[list[int]], new: int, compiled: bool
             kwargs["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
         except ImportError:
             note = "transformers without CompileConfig: its default auto-compile settings"
-    clock = _Clock(device)
+    clock = _clock(device)
     import torch._dynamo.utils as dyn_utils
 
     frames_before = sum(dyn_utils.counters["frames"].values())

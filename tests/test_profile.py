@@ -83,8 +83,9 @@ def test_hf_twin_agrees_with_engine():
     assert hf.model.layers[1].mlp.up_proj.weight.data_ptr() == lm.weights["layers.1.gate_up_proj"][
         lm.config.intermediate_size:].data_ptr()
     prompt = torch.randint(3, lm.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    hf.generation_config.eos_token_id = None  # plain argmax every step, as ignore_eos decodes
     with torch.inference_mode():
-        ref = hf.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0, 12:]
+        ref = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 12:]
     eng = Engine(lm, device="cpu", backend="torch", max_num_seqs=1, num_kv_blocks=8, max_model_len=64)
     eng.add_request(prompt[0].tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True))
     out = [o for o in eng.run_until_done()][-1]
