@@ -611,8 +611,10 @@ def run_benchmark(bench: Benchmark, cfg: RunConfig, log=print) -> list[dict[str,
                 _fill_timing(row, timing, cfg)
                 row["status"] = "ok"
             except Skip as exc:
+                outputs.pop(prov.name, None)
                 row.update(status="skipped", error=str(exc)[:400])
             except Exception as exc:  # noqa: BLE001 - a failing provider must not stop the run
+                outputs.pop(prov.name, None)
                 row.update(status="error", error=_error_text(exc))
                 print(f"[bench] {kernel} {case.label} {prov.name}: {row['error']}", file=sys.stderr)
                 if not isinstance(exc, ImportError):
