@@ -5,13 +5,14 @@ import sys
 
 import pytest
 
+from smol import one_torch_thread  # noqa: F401  (autouse fixture)
 from trinfer.cli import build_parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def default_model():
+def default_model_path():
     from trinfer.runtime.default_model import default_model_path
 
     try:
@@ -20,9 +21,10 @@ def default_model():
         pytest.skip(f"default model not installed: {e}")
 
 
-def test_generate_chat_answers_paris(default_model):
+def test_generate_chat_answers_paris(default_model_path):
     """`python -m trinfer generate --chat ...` in a fresh process: the default model, torch backend on the CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"  # as one_torch_thread, for the child process
     proc = subprocess.run(
         [sys.executable, "-m", "trinfer", "generate", "--chat", "What is the capital of France?",
          "--max-new-tokens", "32", "--device", "cpu"],

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoints import make_hf_checkpoint
-from smol import default_model
+from smol import default_model, one_torch_thread  # noqa: F401  (autouse fixture)
 from trinfer.runtime import LLM, Engine, SamplingParams
 from trinfer.runtime.loader import load_model_files
 

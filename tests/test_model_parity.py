@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoints import hf_llama_from_gguf, load_hf_model, make_hf_checkpoint
-from smol import default_model
+from smol import default_model, one_torch_thread  # noqa: F401  (autouse fixture)
 from trinfer.runtime import LLM
 
 transformers = pytest.importorskip("transformers")
@@ -59,7 +59,8 @@ def test_torch_backend_matches_transformers(name, tmp_path):
 def test_triton_backend_matches_transformers_across_blocks(tmp_path):
     """The Triton kernels (interpreted on a CPU) on a tiny Qwen2 (biases) with 4-token blocks: prompts of 3
     and 6 tokens and 7 new tokens cross two block boundaries in prefill and in decode."""
-    path = make_hf_checkpoint(str(tmp_path), "qwen2")  # hidden 64, 2 layers, 4/2 heads, vocab 512
+    # 2 layers, hidden 128, 2 query heads / 1 KV head of dim 64 (the attention kernels' smallest head dim)
+    path = make_hf_checkpoint(str(tmp_path), "qwen2", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
     hf = no_eos(load_hf_model(path))
     llm = LLM(path, backend="triton", dtype="float32", device="cpu", block_size=4, debug=True)
     prompts = [[1, 17, 99], [1, 400, 33, 2, 9, 81]]

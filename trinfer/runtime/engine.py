@@ -18,13 +18,17 @@ from typing import Any, Iterable
 
 import torch
 
-from .block_manager import blocks_needed
+from trinfer.triton_kernels.kv_cache_layout import check_block_size
+
+from .block_manager import BlockManager, blocks_needed
 from .kv_cache import choose_num_blocks
 from .model import BACKENDS, get_backend
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
+
+DEFAULT_MAX_BATCHED_TOKENS = 8192  # tokens per prefill batch; a longer prompt still runs, alone
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -175,8 +179,9 @@ class Engine:
         max_num_seqs: most sequences running at once (decode batch size).
         num_kv_blocks / kv_cache_memory: KV cache size in blocks or in bytes (at most one); default: 85% of
             the free GPU memory, or 512 MiB on the CPU, capped at what max_num_seqs full contexts need.
-        block_size: tokens per KV block.
-        max_num_batched_tokens: most tokens in one prefill batch (a longer prompt still runs, alone).
+        block_size: tokens per KV block, a power of two up to 256.
+        max_num_batched_tokens: most tokens in one prefill batch (default 8192; a longer prompt still runs,
+            alone).
         max_model_len: context length, at most the model's (default: the model's).
         debug: kernels also run their input checks that read device memory (slower).
     """
@@ -186,6 +191,9 @@ class Engine:
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False):
         from .loader import LoadedModel, load_model_files
 
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: expected an int >= 1, got {max_num_seqs!r}")
+        check_block_size(block_size)  # a power of two, as the kernels require
         self.device = resolve_device(device)
         self.backend_name = resolve_backend(backend, self.device)
         if isinstance(model, LoadedModel):
@@ -202,9 +210,6 @@ class Engine:
 
                 model = default_model_path()
             loaded = load_model_files(model, device=self.device, dtype=self.dtype)
-        for name, value in (("max_num_seqs", max_num_seqs), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         self.config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
@@ -221,10 +226,8 @@ class Engine:
         self.runner = ModelRunner(cfg, loaded.weights, get_backend(self.backend_name), device=self.device,
                                   dtype=self.dtype, num_blocks=num_blocks, block_size=block_size,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, debug=debug)
-        from .block_manager import BlockManager
-
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens or max(max_model_len, 8192))
+                                   max_num_batched_tokens=max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS)
         self.eos_token_ids = frozenset(cfg.eos_token_ids or ())
         self._requests: dict[Any, Sequence] = {}
         self._ids = itertools.count()
