@@ -859,8 +859,10 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
                         "for --cpu-smoke)")
     p.add_argument("--providers", default=None, help="comma-separated subset of providers to run")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 (fp32 for --cpu-smoke)")
-    p.add_argument("--warmup-ms", type=float, default=10.0, help="GPU warm-up per row, milliseconds")
-    p.add_argument("--rep-ms", type=float, default=40.0, help="GPU timed calls per row, milliseconds")
+    p.add_argument("--warmup-ms", type=float, default=None,
+                   help="GPU warm-up per row, milliseconds (default 10; --quick 5; --tiny 2)")
+    p.add_argument("--rep-ms", type=float, default=None,
+                   help="GPU timed calls per row, milliseconds (default 40; --quick 20; --tiny 5)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new row after this many seconds (later rows are written as skipped)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -881,7 +883,9 @@ def configure(args: argparse.Namespace, log=print) -> RunConfig:
         size = "tiny" if args.tiny else ("quick" if args.quick else "full")
         mode = {"tiny": "gpu-tiny", "quick": "gpu-quick", "full": "gpu"}[size]
         device = torch.device("cuda", torch.cuda.current_device())
-        timer = CudaTimer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        warmup_ms, rep_ms = {"full": (10.0, 40.0), "quick": (5.0, 20.0), "tiny": (2.0, 5.0)}[size]
+        timer = CudaTimer(device, warmup_ms=warmup_ms if args.warmup_ms is None else args.warmup_ms,
+                          rep_ms=rep_ms if args.rep_ms is None else args.rep_ms)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if smoke else torch.bfloat16)
     cfg = RunConfig(mode=mode, size=size, device=device, dtype=dtype, timer=timer,
                     providers=tuple(p.strip() for p in args.providers.split(",")) if args.providers else None)
