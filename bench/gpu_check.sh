@@ -11,10 +11,12 @@
 #   kernels    every kernel benchmark in --quick mode (python -m bench.run_all --quick)
 #   e2e        the end-to-end decode benchmark at both shapes (python -m bench.bench_e2e --quick)
 # Output: $OUT when set, else bench/results/<UTC date>/ : gpu_check.log (every part's output), kernels.json,
-# kernels.md, kernels.png, e2e.json, e2e.md, summary.txt (at most 8 files: what the device tool brings back). The summary is
-# printed LAST. Budget: under ~6 minutes on an H200; override a part's limit with T_JIT, T_TESTS, T_KERNELS,
-# T_E2E (seconds), the interpreter with PYTHON, the pytest-xdist workers with TEST_WORKERS (0: none).
+# kernels.md, kernels.png, e2e.json, e2e.md, summary.txt (at most 8 files: what the device tool brings back).
+# The summary is printed LAST. Budget: 6.3 minutes if every part runs to its limit; override a part's limit
+# with T_JIT, T_TESTS, T_KERNELS, T_E2E (seconds), the interpreter with PYTHON, the pytest-xdist workers with
+# TEST_WORKERS (0: none).
 set -u -o pipefail
+if [ -n "${OUT:-}" ] && [ "${OUT#/}" = "$OUT" ]; then OUT="$PWD/$OUT"; fi  # a relative $OUT, before the cd
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,7 +33,7 @@ SUMMARY="$OUTDIR/summary.txt"
 PARTS=()
 T0=$SECONDS
 
-# run_part NAME LIMIT_S DETAIL_CMD -- COMMAND...: run COMMAND under `timeout`, its output appended to the log;
+# run_part NAME LIMIT_S COMMAND...: run COMMAND under `timeout`, its output appended to the log;
 # record status and seconds; on failure print the tail of its output.
 run_part() {
   local name=$1 limit=$2; shift 2
