@@ -232,3 +232,45 @@ def test_chat_answers_and_ends_with_eos(smol):
     with pytest.raises(ValueError, match="non-empty"):
         llm.generate(["fine", ""], max_new_tokens=4)  # all validated before anything runs
     assert not llm.engine.has_unfinished()
+
+
+def test_padded_decode_batch_gives_the_same_tokens(loaded, alone):
+    """Decode batches padded to a larger size (as for a captured CUDA graph: slot -1, length 0) change nothing."""
+    eng = engine(loaded, max_num_seqs=8)
+    runner, real_run = eng.runner, eng.runner.run
+
+    def padded_run(seqs, is_prefill, padded_size=None):
+        return real_run(seqs, is_prefill, padded_size=None if is_prefill else min(8, len(seqs) + 3))
+
+    runner.run = padded_run
+    for i in (0, 3, 5):
+        eng.add_request(PROMPTS[i], max_new_tokens=NEW[i], ignore_eos=True, request_id=i)
+    final = {o.request_id: o.token_ids for o in eng.run_until_done() if o.finished}
+    assert final == {i: alone[i] for i in (0, 3, 5)}
+
+
+def test_triton_backend_batching_padding_preemption(tmp_path):
+    """The Triton kernels (interpreted on a CPU): staggered arrivals, padded decode batches, and a cache small
+    enough to preempt give the torch backend's tokens. Tiny model: 2 layers, 2 query heads / 1 KV head of 64."""
+    path = make_hf_checkpoint(str(tmp_path), "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    tiny = load_model_files(path, device="cpu", dtype=torch.float32, progress=False)
+    prompts = [[1, 5, 9], [1, 7, 7, 7, 2, 30], [1, 100], [1, 44, 45, 46, 47]]
+
+    def run(backend, num_kv_blocks, pad=False):
+        eng = Engine(tiny, backend=backend, block_size=4, num_kv_blocks=num_kv_blocks)
+        if pad:
+            real_run = eng.runner.run
+            eng.runner.run = lambda s, prefill, padded_size=None: real_run(
+                s, prefill, padded_size=None if prefill else len(s) + 2)
+        final, step = {}, 0
+        while len(final) < len(prompts):
+            if step < len(prompts):
+                eng.add_request(prompts[step], max_new_tokens=6, ignore_eos=True, request_id=step)
+            final.update((o.request_id, o.token_ids) for o in eng.step() if o.finished)
+            step += 1
+        return final, eng.num_preemptions
+
+    expected, _ = run("torch", 64)
+    assert run("triton", 64, pad=True) == (expected, 0)
+    tokens, preemptions = run("triton", 6)
+    assert tokens == expected and preemptions > 0

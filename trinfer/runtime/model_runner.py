@@ -27,13 +27,16 @@ class ModelRunner:
         self.decode_buffers = DecodeBuffers(max_num_seqs, blocks_needed(max_model_len, block_size), device)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
+    def run(self, seqs: list[Sequence], is_prefill: bool, *, padded_size: int | None = None
+            ) -> tuple[list[int], list[float]]:
         """One forward pass over `seqs` (a prefill batch or a decode batch); returns, per sequence, the next
-        token id and its log-probability."""
+        token id and its log-probability. `padded_size` pads a decode batch with rows that write no K/V and
+        attend to nothing (the shape a captured CUDA graph expects); their outputs are dropped."""
         if is_prefill:
             input_ids, meta = build_prefill(seqs, self.block_size, self.device)
         else:
-            input_ids, meta = self.decode_buffers.fill(seqs, self.block_size)
+            input_ids, meta = self.decode_buffers.fill(seqs, self.block_size, padded_size)
         hidden = self.model(input_ids, meta, self.kv_cache)
         token_ids, logprobs = self.model.sample(hidden)
-        return token_ids.tolist(), logprobs.tolist()
+        n = len(seqs)
+        return token_ids[:n].tolist(), logprobs[:n].tolist()
