@@ -24,10 +24,9 @@ def default_model_path():
 def test_generate_chat_answers_paris(default_model_path):
     """`python -m trinfer generate --chat ...` in a fresh process: the default model, torch backend on the CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"  # as one_torch_thread, for the child process
     proc = subprocess.run(
         [sys.executable, "-m", "trinfer", "generate", "--chat", "What is the capital of France?",
-         "--max-new-tokens", "32", "--device", "cpu"],
+         "--max-new-tokens", "32", "--device", "cpu", "--threads", "1"],  # 1 thread: as one_torch_thread
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -64,6 +63,7 @@ def test_generate_stream_and_stop(tiny, capsys):
     (["generate", "", "--model", "/no/such/model"], "does not exist"),
     (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens: expected an int >= 1, got 0"),
     (["generate", "hi", "--device", "tpu"], "device"),
+    (["generate", "hi", "--threads", "0"], "--threads: expected an int >= 1, got 0"),
 ])
 def test_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2

@@ -34,6 +34,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (16)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache size in blocks (default: from memory)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch's ops (default: torch's choice); 1 can be much faster for a small "
+                        "model on a busy machine")
     p.add_argument("--quiet", action="store_true", help="no timings on stderr")
 
 
@@ -41,6 +44,12 @@ def _run_generate(args) -> int:
     from trinfer.runtime import LLM, SamplingParams
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
     llm = LLM(args.model, dtype=args.dtype, backend=args.backend, device=args.device, max_num_seqs=1,
               block_size=args.block_size, num_kv_blocks=args.num_kv_blocks)
