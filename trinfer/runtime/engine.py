@@ -344,6 +344,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return an output for every request that got a token (or finished)."""
         step = self.scheduler.schedule()
+        if step.empty and self.scheduler.has_unfinished():  # cannot happen: add_request refuses what never fits
+            raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
+                               f"{self.scheduler.block_manager.num_free_blocks} free blocks")
         outputs = []
         for seqs, is_prefill in ((step.prefill, True), (step.decode, False)):
             if not seqs:
