@@ -359,6 +359,39 @@ def test_bad_inputs(op, change, exc, words):
         assert w in str(info.value), (w, str(info.value))
 
 
+@pytest.mark.parametrize("head_dim", [16, 32, 257, 512])
+@pytest.mark.parametrize("op", ["prefill", "decode"])
+def test_unsupported_head_dim_is_named(op, head_dim):
+    """Head dims outside [33, 256] have no tile in the config tables: a ValueError naming the range, not a KeyError."""
+    batch = make_paged_batch([5], 1, head_dim, torch.float16, "cpu")
+    q = torch.zeros(1, 2, head_dim, dtype=torch.float16)
+    with pytest.raises(ValueError, match=rf"^q: expected a head_dim in \[33, 256\] .*, got {head_dim}$"):
+        if op == "prefill":
+            paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, cu_seqlens([1], "cpu"),
+                                    batch.kv_lens, 0.1)
+        else:
+            paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.1)
+
+
+def test_config_tables_name_an_unsupported_head_dim():
+    from trinfer.triton_kernels import attention
+
+    for config in (lambda d: attention._prefill_config(d, torch.float16, 1),
+                   lambda d: attention._decode_config(d, torch.float16, 1, 256)):
+        with pytest.raises(ValueError, match=r"head_dim: expected a head_dim in \[33, 256\] .*, got 16"):
+            config(16)
+        assert config(33) == config(64)  # padded to the 64-wide tile
+
+
+@pytest.mark.parametrize("head_dim", [33, 40])
+def test_head_dims_padded_to_a_tile(head_dim, device):
+    """Head dims between the table's tile widths run masked (odd 33 and 40 on the 64-wide tile)."""
+    got, expected = _run_prefill([(3, 5), (7, 20)], head_dim, 4, 2, torch.float16, device)
+    assert_close(got, expected, torch.float16)
+    got, expected = _run_decode([5, 20], head_dim, 4, 2, torch.float16, device, split_tokens=16)
+    assert_close(got, expected, torch.float16)
+
+
 @pytest.mark.parametrize(
     "cu, kv_lens, table_fix, max_q_len, words",
     [

@@ -3,12 +3,12 @@
 Cache layout: `trinfer.triton_kernels.kv_cache_layout`. Kernels: `kernels/attention.py`.
 
 Checks. On every call (no device sync): types, dtypes, devices, ranks and shapes, query heads a multiple
-of KV heads, equal head dims, contiguous last dims, a power-of-two block size, scale > 0. With
-`validate=True` only (they read device memory, so one host sync; tests and the engine's debug mode):
-block-table entries a sequence uses within [0, num_blocks), lengths within the table's capacity,
-q_len <= kv_len, cu_seqlens_q starting at 0, non-decreasing and ending at q.shape[0], the host bounds
-(max_q_len, max_seq_len) covering the real lengths. Without validation, lengths are clamped to the
-table's capacity inside the kernels, so no kernel ever reads past a sequence's block-table row.
+of KV heads, equal head dims in [33, 256] (`check_head_dim`), contiguous last dims, a power-of-two block
+size, scale > 0. With `validate=True` only (they read device memory, so one host sync; tests and the
+engine's debug mode): block-table entries a sequence uses within [0, num_blocks), lengths within the
+table's capacity, q_len <= kv_len, cu_seqlens_q starting at 0, non-decreasing and ending at q.shape[0],
+the host bounds (max_q_len, max_seq_len) covering the real lengths. Without validation, lengths are
+clamped to the table's capacity inside the kernels, so no kernel ever reads past a sequence's block-table row.
 
 Launch configurations come from the small tables `_prefill_config` / `_decode_config` (no autotuning: the
 config depends on head_dim, dtype and the GQA group only, never on the batch, which keeps decode results
@@ -32,8 +32,8 @@ from .kv_cache_layout import BLOCK_TABLE_DTYPE, check_kv_caches
 
 LOG2E = 1.4426950408889634
 DECODE_SPLIT_TOKENS = 256  # keys per decode split: batch 1 at 8K context gives 32 splits per KV head
-HEAD_DIMS = (64, 80, 96, 128, 256)
-MAX_HEAD_DIM = 256
+HEAD_DIMS = (64, 80, 96, 128, 256)  # compile-checked and tuned; any head_dim in [MIN_HEAD_DIM, MAX_HEAD_DIM] runs
+MIN_HEAD_DIM, MAX_HEAD_DIM = 33, 256  # head dims are padded to a tile width of the config tables: 64, 128, 256
 _REDUCE_BLOCK_S = 16
 
 
@@ -52,6 +52,20 @@ class DecodeConfig(NamedTuple):
     num_stages: int
 
 
+def check_head_dim(head_dim: int, name: str = "q") -> None:
+    """ValueError unless the attention kernels run `head_dim`: in [MIN_HEAD_DIM, MAX_HEAD_DIM], i.e. padded to
+    the next power of two it is a tile width of the config tables (64, 128 or 256; masking covers the rest)."""
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{name}: expected a head_dim in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] (the attention kernels "
+                         f"pad it to a 64, 128 or 256 wide tile), got {head_dim}")
+
+
+def _tile_width(head_dim: int) -> int:
+    """The padded head dim (BLOCK_D) that keys the config tables; ValueError for a head_dim they lack."""
+    check_head_dim(head_dim, "head_dim")
+    return triton.next_power_of_2(head_dim)
+
+
 def _heads_per_program(group: int, limit: int = 16) -> int:
     """Largest divisor of the GQA group <= limit: the query heads one program packs over one KV head."""
     return max(d for d in range(1, min(group, limit) + 1) if group % d == 0)
@@ -63,7 +77,7 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, group: int, arch: int = 9
     Each entry compiles without spills within the chip's shared memory (tests/aot_check.py). fp16/bf16 use
     tensor cores (wgmma on sm_90, mma.sync on sm_80); fp32 runs IEEE-exact FMA products on small tiles.
     """
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = _tile_width(head_dim)
     if dtype == torch.float32:
         block_m, block_n, warps, stages = {64: (32, 32, 4, 2), 128: (32, 16, 8, 2), 256: (32, 16, 8, 2)}[block_d]
     elif block_d == 128 and arch != 90:
@@ -78,7 +92,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype, group: int, split_tokens: 
 
     Depends on head_dim, dtype and group only, never on the batch: that keeps decode batch-invariant.
     """
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = _tile_width(head_dim)
     block_g = min(max(16, triton.next_power_of_2(group)), 64)
     if dtype == torch.float32:
         block_n, warps, stages = {64: (32, 4, 2), 128: (32, 8, 2), 256: (16, 4, 2)}[block_d]
@@ -105,8 +119,7 @@ def _check_attention_inputs(q, k_cache, v_cache, block_tables, batch: int, scale
     check_tensor("q", q, dtypes=(k_cache.dtype,), ndim=3, device=k_cache.device, last_dim_contiguous=True)
     num_q_heads = q.shape[1]
     check_same("q", q.shape[2], head_dim, "head_dim equal to the cache's")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"q: expected head_dim <= {MAX_HEAD_DIM}, got {head_dim}")
+    check_head_dim(head_dim)
     if num_q_heads % num_kv_heads != 0 or num_q_heads == 0:
         raise ValueError(f"q: expected a number of query heads that is a positive multiple of the cache's "
                          f"{num_kv_heads} KV heads, got {num_q_heads}")
@@ -204,7 +217,7 @@ def paged_prefill_attention(
 
     Args:
         q: `[total_q, q_heads, head_dim]` fp32/fp16/bf16, the caches' dtype; last dim contiguous (a view of a
-            fused qkv output is fine). q_heads a multiple of the caches' KV heads (GQA), head_dim <= 256.
+            fused qkv output is fine). q_heads a multiple of the caches' KV heads (GQA), head_dim in [33, 256].
         k_cache, v_cache: `[num_blocks, block_size, kv_heads, head_dim]` (`kv_cache_layout`).
         block_tables: `[batch, max_blocks_per_seq]` int32.
         cu_seqlens_q: `[batch + 1]` int32 cumulative query lengths, starting at 0.
@@ -360,7 +373,8 @@ def paged_decode_attention(
     preallocated `workspace` (`decode_workspace_numel`) to launch without allocating.
 
     Args:
-        q: `[batch, q_heads, head_dim]` (the caches' dtype, last dim contiguous); q_heads a multiple of KV heads.
+        q: `[batch, q_heads, head_dim]` (the caches' dtype, last dim contiguous); q_heads a multiple of KV heads,
+            head_dim in [33, 256].
         k_cache, v_cache: `[num_blocks, block_size, kv_heads, head_dim]` (`kv_cache_layout`).
         block_tables: `[batch, max_blocks_per_seq]` int32.
         seq_lens: `[batch]` int32 keys per sequence, the current token's included (written by `write_kv_cache`).
