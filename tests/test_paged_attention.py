@@ -2,19 +2,18 @@
 
 Every cache slot a sequence does not own holds NaN or +-inf (paged_cache.py), block tables are shuffled, and
 decode uses small split sizes so that short sequences still cross several KV splits under the interpreter.
+
+Decode tests run for each backend (`kernel_backend`: Triton, and CUDA C++ where it can run; conftest.py): they
+call `kernel_backend.paged_decode_attention` / `kernel_backend.write_kv_cache`. Prefill is Triton-only.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
+import trinfer.triton_kernels as tk
 from paged_cache import cu_seqlens, make_paged_batch, poison_
 from tolerances import DTYPES, assert_close, poisoned
-from trinfer.triton_kernels import (
-    decode_workspace_numel,
-    paged_decode_attention,
-    paged_prefill_attention,
-    write_kv_cache,
-)
+from trinfer.triton_kernels import decode_workspace_numel, paged_prefill_attention
 from trinfer.triton_kernels.kv_cache_layout import slot_mapping
 from trinfer.triton_kernels.references import paged_decode_attention_ref, paged_prefill_attention_ref
 
@@ -106,11 +105,19 @@ def test_prefill_block_sizes(block_size, device):
     assert_close(got, expected, torch.float16)
 
 
-@pytest.mark.parametrize("head_dim, hq, hkv", [(128, 8, 2), (256, 7, 1)], ids=["d128-g4", "d256-g7"])
+LARGER_HEADS = [(128, 8, 2), (256, 7, 1)]
+LARGER_HEAD_IDS = ["d128-g4", "d256-g7"]
+
+
+@pytest.mark.parametrize("head_dim, hq, hkv", LARGER_HEADS, ids=LARGER_HEAD_IDS)
 def test_larger_head_dims(head_dim, hq, hkv, device):
     got, expected = _run_prefill([(17, 17), (5, 40)], head_dim, hq, hkv, torch.float16, device)
     assert_close(got, expected, torch.float16)
-    got, expected = _run_decode([17, 40], head_dim, hq, hkv, torch.float16, device, split_tokens=16)
+
+
+@pytest.mark.parametrize("head_dim, hq, hkv", LARGER_HEADS, ids=LARGER_HEAD_IDS)
+def test_larger_head_dims_decode(head_dim, hq, hkv, device, kernel_backend):
+    got, expected = _run_decode(kernel_backend, [17, 40], head_dim, hq, hkv, torch.float16, device, split_tokens=16)
     assert_close(got, expected, torch.float16)
 
 
@@ -164,12 +171,13 @@ def test_prefill_batch_invariance(device):
 # Decode
 # --------------------------------------------------------------------------------------------------------
 
-def _run_decode(lens, head_dim, hq, hkv, dtype, device, *, block_size=16, **kwargs):
+def _run_decode(kernels, lens, head_dim, hq, hkv, dtype, device, *, block_size=16, **kwargs):
+    """`kernels.paged_decode_attention` (kernels: a backend module) on a poisoned paged batch, and the reference."""
     batch = make_paged_batch(lens, hkv, head_dim, dtype, device, block_size=block_size)
     q = _q(len(lens), hq, head_dim, dtype, device)
     scale = head_dim ** -0.5
     out = poisoned(q.shape, dtype, device)
-    got = paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, scale,
+    got = kernels.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, scale,
                                  out=out, validate=True, **kwargs)
     assert got is out
     expected = paged_decode_attention_ref(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, scale)
@@ -179,48 +187,52 @@ def _run_decode(lens, head_dim, hq, hkv, dtype, device, *, block_size=16, **kwar
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim, hq, hkv", HEADS, ids=HEAD_IDS)
-def test_decode_matches_reference(head_dim, hq, hkv, dtype, device):
+def test_decode_matches_reference(head_dim, hq, hkv, dtype, device, kernel_backend):
     # split_tokens=16: the 70-token sequence crosses 5 splits, 17 crosses 2, 16 fits one exactly.
-    got, expected = _run_decode(DECODE_LENS, head_dim, hq, hkv, dtype, device, split_tokens=16)
+    got, expected = _run_decode(kernel_backend, DECODE_LENS, head_dim, hq, hkv, dtype, device, split_tokens=16)
     assert_close(got, expected, dtype)
 
 
-def test_decode_default_split_size(device):
-    got, expected = _run_decode([600, 3], 64, 4, 4, torch.float16, device)  # 600 tokens: 3 splits of 256
+def test_decode_default_split_size(device, kernel_backend):
+    # 600 tokens: 3 splits of 256
+    got, expected = _run_decode(kernel_backend, [600, 3], 64, 4, 4, torch.float16, device)
     assert_close(got, expected, torch.float16)
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 128])
-def test_decode_block_sizes(block_size, device):
-    got, expected = _run_decode([5, 40, 130], 64, 6, 2, torch.float16, device, block_size=block_size,
+def test_decode_block_sizes(block_size, device, kernel_backend):
+    got, expected = _run_decode(kernel_backend, [5, 40, 130], 64, 6, 2, torch.float16, device, block_size=block_size,
                                 split_tokens=32)
     assert_close(got, expected, torch.float16)
 
 
-def test_decode_gqa_group_wider_than_a_tile(device):
-    got, expected = _run_decode([20, 9], 64, 96, 1, torch.float16, device, split_tokens=16)  # group 96 > 64 rows
+def test_decode_gqa_group_wider_than_a_tile(device, kernel_backend):
+    # group 96 > 64 rows
+    got, expected = _run_decode(kernel_backend, [20, 9], 64, 96, 1, torch.float16, device, split_tokens=16)
     assert_close(got, expected, torch.float16)
 
 
-def test_decode_batch_invariance(device):
+def test_decode_batch_invariance(device, kernel_backend):
     """One sequence decoded alone and inside a batch of 9 others gives bitwise the same output."""
     hq, hkv, d, dtype = 8, 2, 64, torch.bfloat16
     lens = [75, 3, 150, 16, 1, 33, 64, 99, 17, 120]
     batch = make_paged_batch(lens, hkv, d, dtype, device)
     q = _q(len(lens), hq, d, dtype, device)
     kw = dict(split_tokens=32)
-    full = paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125, **kw)
+    full = kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens,
+                                                 0.125, **kw)
     for s in (0, 2):
-        alone = paged_decode_attention(q[s:s + 1], batch.k_cache, batch.v_cache, batch.block_tables[s:s + 1],
-                                       batch.kv_lens[s:s + 1], 0.125, max_seq_len=lens[s], **kw)
+        alone = kernel_backend.paged_decode_attention(q[s:s + 1], batch.k_cache, batch.v_cache,
+                                                      batch.block_tables[s:s + 1], batch.kv_lens[s:s + 1], 0.125,
+                                                      max_seq_len=lens[s], **kw)
         assert torch.equal(full[s], alone[0])
     # Also with a wider table and a bigger grid bound: the grid never changes a result.
     wide = torch.cat([batch.block_tables, batch.block_tables], dim=1)
-    again = paged_decode_attention(q, batch.k_cache, batch.v_cache, wide, batch.kv_lens, 0.125, **kw)
+    again = kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, wide, batch.kv_lens, 0.125, **kw)
     assert torch.equal(full, again)
 
 
-def test_decode_preallocated_workspace_and_grid_bound(device):
+def test_decode_preallocated_workspace_and_grid_bound(device, kernel_backend):
     """The engine's CUDA-graph path: out and workspace preallocated, the grid sized by max_seq_len only."""
     hq, hkv, d, dtype = 4, 2, 64, torch.float16
     batch = make_paged_batch([96, 96, 96], hkv, d, dtype, device)
@@ -230,27 +242,28 @@ def test_decode_preallocated_workspace_and_grid_bound(device):
     assert n == 8 * hq * 4 * (d + 1)
     workspace = torch.full((n,), float("nan"), device=device)
     out = poisoned(q.shape, dtype, device)
-    paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125, out=out,
-                           max_seq_len=128, split_tokens=32, workspace=workspace)
+    kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125,
+                                          out=out, max_seq_len=128, split_tokens=32, workspace=workspace)
     expected = paged_decode_attention_ref(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125)
     assert_close(out, expected, dtype)
     # New lengths and queries in the same buffers (what a graph replay sees).
     batch.kv_lens.copy_(torch.tensor([1, 96, 33], dtype=torch.int32))
     q.copy_(_q(3, hq, d, dtype, device))
-    paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125, out=out,
-                           max_seq_len=128, split_tokens=32, workspace=workspace)
+    kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125,
+                                          out=out, max_seq_len=128, split_tokens=32, workspace=workspace)
     expected = paged_decode_attention_ref(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125)
     assert expected.isfinite().all()
     assert_close(out, expected, dtype)
     assert decode_workspace_numel(8, hq, d, 32, split_tokens=32) == 0  # one split: no scratch needed
 
 
-def test_decode_zero_length_is_zeros(device):
+def test_decode_zero_length_is_zeros(device, kernel_backend):
     hq, hkv, d = 4, 2, 64
     batch = make_paged_batch([0, 20], hkv, d, torch.float16, device)
     q = _q(2, hq, d, torch.float16, device)
-    out = paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125,
-                                 out=poisoned(q.shape, torch.float16, device), split_tokens=16, validate=True)
+    out = kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens,
+                                                0.125, out=poisoned(q.shape, torch.float16, device), split_tokens=16,
+                                                validate=True)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     expected = paged_decode_attention_ref(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125)
     assert_close(out, expected, torch.float16)
@@ -260,38 +273,40 @@ def test_decode_zero_length_is_zeros(device):
 # End to end, empty batches, torch.compile
 # --------------------------------------------------------------------------------------------------------
 
-def test_write_then_prefill_then_decode_matches_sdpa(device):
-    """A prompt written with write_kv_cache and attended with prefill, then one decode step, vs SDPA."""
+def test_write_then_prefill_then_decode_matches_sdpa(device, kernel_backend):
+    """A prompt written with write_kv_cache and attended with prefill, then one decode step, vs SDPA (the write and
+    the decode step on the backend under test, prefill on Triton)."""
     hq, hkv, d, n, bs, dtype = 6, 2, 64, 21, 4, torch.float32
     k_cache = poison_(torch.empty(12, bs, hkv, d, device=device))
     v_cache = poison_(torch.empty(12, bs, hkv, d, device=device))
     table = torch.tensor([[7, 2, 9, 0, 5, 11, 3]], dtype=torch.int32, device=device)
     k, v, q = (torch.randn(n + 1, h, d, device=device) for h in (hkv, hkv, hq))
     slots = slot_mapping(table, torch.zeros(n + 1, dtype=torch.long), torch.arange(n + 1), bs)
-    write_kv_cache(k[:n], v[:n], k_cache, v_cache, slots[:n].to(device), validate=True)
+    kernel_backend.write_kv_cache(k[:n], v[:n], k_cache, v_cache, slots[:n].to(device), validate=True)
     lens = torch.tensor([n], dtype=torch.int32, device=device)
     got = paged_prefill_attention(q[:n], k_cache, v_cache, table, cu_seqlens([n], device), lens, 0.125)
     ref = F.scaled_dot_product_attention(q[:n].transpose(0, 1), k[:n].transpose(0, 1), v[:n].transpose(0, 1),
                                          is_causal=True, scale=0.125, enable_gqa=True).transpose(0, 1)
     assert_close(got, ref, torch.float32)
-    write_kv_cache(k[n:], v[n:], k_cache, v_cache, slots[n:].to(device))
-    got = paged_decode_attention(q[n:], k_cache, v_cache, table, lens + 1, 0.125, split_tokens=16)
+    kernel_backend.write_kv_cache(k[n:], v[n:], k_cache, v_cache, slots[n:].to(device))
+    got = kernel_backend.paged_decode_attention(q[n:], k_cache, v_cache, table, lens + 1, 0.125, split_tokens=16)
     ref = F.scaled_dot_product_attention(q[n:].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          scale=0.125, enable_gqa=True).transpose(0, 1)
     assert_close(got, ref, torch.float32)
 
 
-def test_empty_batches(device):
+def test_empty_batches(device, kernel_backend):
     batch = make_paged_batch([4], 2, 64, torch.float16, device)
     table = batch.block_tables[:0]
     q = torch.empty(0, 4, 64, dtype=torch.float16, device=device)
     empty_i32 = torch.empty(0, dtype=torch.int32, device=device)
     zero = torch.zeros(1, dtype=torch.int32, device=device)
     assert paged_prefill_attention(q, batch.k_cache, batch.v_cache, table, zero, empty_i32, 0.1).shape == (0, 4, 64)
-    assert paged_decode_attention(q, batch.k_cache, batch.v_cache, table, empty_i32, 0.1).shape == (0, 4, 64)
+    decoded = kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, table, empty_i32, 0.1)
+    assert decoded.shape == (0, 4, 64)
 
 
-def test_compiles_fullgraph(device):
+def test_compiles_fullgraph(device, kernel_backend):
     hq, hkv, d = 4, 2, 64
     batch = make_paged_batch([9, 20], hkv, d, torch.float32, device)
     cu = cu_seqlens([3, 5], device)
@@ -299,8 +314,8 @@ def test_compiles_fullgraph(device):
     def step(q_prefill, q_decode):
         a = paged_prefill_attention(q_prefill, batch.k_cache, batch.v_cache, batch.block_tables, cu, batch.kv_lens,
                                     0.125, max_q_len=5)
-        b = paged_decode_attention(q_decode, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.125,
-                                   split_tokens=16)
+        b = kernel_backend.paged_decode_attention(q_decode, batch.k_cache, batch.v_cache, batch.block_tables,
+                                                  batch.kv_lens, 0.125, split_tokens=16)
         return a * 2, b + 1
 
     qp, qd = _q(8, hq, d, torch.float32, device), _q(2, hq, d, torch.float32, device)
@@ -319,30 +334,28 @@ def _base():
                 block_tables=batch.block_tables, lens=batch.kv_lens, scale=0.125)
 
 
-@pytest.mark.parametrize(
-    "change, exc, words",
-    [
-        (dict(q=torch.zeros(2, 4, 64)), TypeError, ["q", "dtype", "float32"]),
-        (dict(q=torch.zeros(2, 4, 80, dtype=torch.float16)), ValueError, ["q", "head_dim", "64", "80"]),
-        (dict(q=torch.zeros(2, 3, 64, dtype=torch.float16)), ValueError, ["q", "multiple", "2 KV heads", "3"]),
-        (dict(q=torch.zeros(2, 64, 4, dtype=torch.float16).transpose(1, 2)), ValueError, ["q", "contiguous"]),
-        (dict(q=torch.zeros(8, 64, dtype=torch.float16)), ValueError, ["q", "3 dims"]),
-        (dict(k_cache=torch.zeros(4, 16, 2, 64)), TypeError, ["v_cache", "float32", "float16"]),
-        (dict(v_cache=torch.zeros(4, 16, 2, 64, dtype=torch.float16)), ValueError, ["v_cache", "shape"]),
-        (dict(k_cache=torch.zeros(4, 12, 2, 64, dtype=torch.float16), v_cache=torch.zeros(4, 12, 2, 64, dtype=torch.float16)),
-         ValueError, ["block_size", "power of two", "12"]),
-        (dict(block_tables=torch.zeros(2, 3, dtype=torch.int64)), TypeError, ["block_tables", "int32", "int64"]),
-        (dict(block_tables=torch.zeros(3, 3, dtype=torch.int32)), ValueError, ["block_tables", "3"]),
-        (dict(lens=torch.tensor([5, 20])), TypeError, ["int32", "int64"]),
-        (dict(lens=torch.tensor([5, 20, 3], dtype=torch.int32)), ValueError, ["3"]),
-        (dict(scale=0.0), ValueError, ["scale", "> 0"]),
-        (dict(scale=float("nan")), ValueError, ["scale"]),
-        (dict(out=torch.zeros(2, 4, 32, dtype=torch.float16)), ValueError, ["out", "shape"]),
-        (dict(out=torch.zeros(2, 4, 64)), TypeError, ["out", "float32"]),
-    ],
-)
-@pytest.mark.parametrize("op", ["prefill", "decode"])
-def test_bad_inputs(op, change, exc, words):
+BAD_INPUTS = [
+    (dict(q=torch.zeros(2, 4, 64)), TypeError, ["q", "dtype", "float32"]),
+    (dict(q=torch.zeros(2, 4, 80, dtype=torch.float16)), ValueError, ["q", "head_dim", "64", "80"]),
+    (dict(q=torch.zeros(2, 3, 64, dtype=torch.float16)), ValueError, ["q", "multiple", "2 KV heads", "3"]),
+    (dict(q=torch.zeros(2, 64, 4, dtype=torch.float16).transpose(1, 2)), ValueError, ["q", "contiguous"]),
+    (dict(q=torch.zeros(8, 64, dtype=torch.float16)), ValueError, ["q", "3 dims"]),
+    (dict(k_cache=torch.zeros(4, 16, 2, 64)), TypeError, ["v_cache", "float32", "float16"]),
+    (dict(v_cache=torch.zeros(4, 16, 2, 64, dtype=torch.float16)), ValueError, ["v_cache", "shape"]),
+    (dict(k_cache=torch.zeros(4, 12, 2, 64, dtype=torch.float16), v_cache=torch.zeros(4, 12, 2, 64, dtype=torch.float16)),
+     ValueError, ["block_size", "power of two", "12"]),
+    (dict(block_tables=torch.zeros(2, 3, dtype=torch.int64)), TypeError, ["block_tables", "int32", "int64"]),
+    (dict(block_tables=torch.zeros(3, 3, dtype=torch.int32)), ValueError, ["block_tables", "3"]),
+    (dict(lens=torch.tensor([5, 20])), TypeError, ["int32", "int64"]),
+    (dict(lens=torch.tensor([5, 20, 3], dtype=torch.int32)), ValueError, ["3"]),
+    (dict(scale=0.0), ValueError, ["scale", "> 0"]),
+    (dict(scale=float("nan")), ValueError, ["scale"]),
+    (dict(out=torch.zeros(2, 4, 32, dtype=torch.float16)), ValueError, ["out", "shape"]),
+    (dict(out=torch.zeros(2, 4, 64)), TypeError, ["out", "float32"]),
+]
+
+
+def _check_bad_input(op, change, exc, words, kernels=tk):
     args = _base()
     args.update(change)
     out = args.pop("out", None)
@@ -353,10 +366,20 @@ def test_bad_inputs(op, change, exc, words):
             paged_prefill_attention(q, args["k_cache"], args["v_cache"], args["block_tables"], cu, lens,
                                     args["scale"], out=out)
         else:
-            paged_decode_attention(q, args["k_cache"], args["v_cache"], args["block_tables"], lens, args["scale"],
-                                   out=out)
+            kernels.paged_decode_attention(q, args["k_cache"], args["v_cache"], args["block_tables"], lens,
+                                           args["scale"], out=out)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize("change, exc, words", BAD_INPUTS)
+def test_prefill_bad_inputs(change, exc, words):
+    _check_bad_input("prefill", change, exc, words)
+
+
+@pytest.mark.parametrize("change, exc, words", BAD_INPUTS)
+def test_decode_bad_inputs(change, exc, words, kernel_backend):
+    _check_bad_input("decode", change, exc, words, kernel_backend)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 257, 512])
@@ -370,7 +393,7 @@ def test_unsupported_head_dim_is_named(op, head_dim):
             paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, cu_seqlens([1], "cpu"),
                                     batch.kv_lens, 0.1)
         else:
-            paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.1)
+            tk.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.1)
 
 
 def test_config_tables_name_an_unsupported_head_dim():
@@ -388,7 +411,7 @@ def test_head_dims_padded_to_a_tile(head_dim, device):
     """Head dims between the table's tile widths run masked (odd 33 and 40 on the 64-wide tile)."""
     got, expected = _run_prefill([(3, 5), (7, 20)], head_dim, 4, 2, torch.float16, device)
     assert_close(got, expected, torch.float16)
-    got, expected = _run_decode([5, 20], head_dim, 4, 2, torch.float16, device, split_tokens=16)
+    got, expected = _run_decode(tk, [5, 20], head_dim, 4, 2, torch.float16, device, split_tokens=16)
     assert_close(got, expected, torch.float16)
 
 
@@ -433,24 +456,26 @@ def test_prefill_validate(cu, kv_lens, table_fix, max_q_len, words):
         ([5, 20], None, dict(workspace=torch.zeros(10 ** 5, dtype=torch.float16)), TypeError, ["workspace", "float32"]),
     ],
 )
-def test_decode_validate(lens, table_fix, kwargs, exc, words):
+def test_decode_validate(lens, table_fix, kwargs, exc, words, kernel_backend):
     args = _base()
     table = args["block_tables"].clone()
     if table_fix:
         table[table_fix[0], table_fix[1]] = table_fix[2]
     with pytest.raises(exc) as info:
-        paged_decode_attention(args["q"], args["k_cache"], args["v_cache"], table, torch.tensor(lens, dtype=torch.int32),
-                               0.1, validate=True, split_tokens=kwargs.pop("split_tokens", 16), **kwargs)
+        kernel_backend.paged_decode_attention(args["q"], args["k_cache"], args["v_cache"], table,
+                                              torch.tensor(lens, dtype=torch.int32), 0.1, validate=True,
+                                              split_tokens=kwargs.pop("split_tokens", 16), **kwargs)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
 
 
-def test_lengths_past_the_table_are_clamped_without_validate(device):
+def test_lengths_past_the_table_are_clamped_without_validate(device, kernel_backend):
     """Without validate the kernels never read past a sequence's table, even when a length lies."""
     batch = make_paged_batch([20, 7], 2, 64, torch.float16, device, extra_table_cols=0)
     q = _q(2, 4, 64, torch.float16, device)
     lying = torch.tensor([10 ** 6, 7], dtype=torch.int32, device=device)
-    out = paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, lying, 0.1, split_tokens=16)
+    out = kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, lying, 0.1,
+                                                split_tokens=16)
     expected = paged_decode_attention_ref(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.1)
     assert_close(out[1], expected[1], torch.float16)  # the honest sequence is unaffected
 
@@ -459,19 +484,28 @@ def test_lengths_past_the_table_are_clamped_without_validate(device):
 # GPU only: real lengths and head dims
 # --------------------------------------------------------------------------------------------------------
 
+LONG_HEADS = [(128, 32, 8), (256, 8, 1), (96, 12, 4), (64, 9, 3)]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim, hq, hkv", [(128, 32, 8), (256, 8, 1), (96, 12, 4), (64, 9, 3)])
+@pytest.mark.parametrize("head_dim, hq, hkv", LONG_HEADS)
 def test_long_contexts_cuda(head_dim, hq, hkv, dtype, device):
     prefill = [(2048, 2048), (300, 8500), (1, 4097), (77, 77)]
     got, expected = _run_prefill(prefill, head_dim, hq, hkv, dtype, device)
     assert_close(got, expected, dtype)
-    got, expected = _run_decode([8192 + 5, 1, 300, 16384], head_dim, hq, hkv, dtype, device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, hq, hkv", LONG_HEADS)
+def test_long_contexts_decode_cuda(head_dim, hq, hkv, dtype, device, kernel_backend):
+    got, expected = _run_decode(kernel_backend, [8192 + 5, 1, 300, 16384], head_dim, hq, hkv, dtype, device)
     assert_close(got, expected, dtype)
 
 
 @pytest.mark.cuda
-def test_decode_cuda_graph_replay(device):
+def test_decode_cuda_graph_replay(device, kernel_backend):
     hq, hkv, d, dtype = 32, 8, 128, torch.bfloat16
     batch = make_paged_batch([3000] * 4, hkv, d, dtype, device)  # every sequence owns 3000 slots
     q = _q(4, hq, d, dtype, device)
@@ -480,8 +514,8 @@ def test_decode_cuda_graph_replay(device):
     ws = torch.empty(decode_workspace_numel(4, hq, d, max_len), device=device)
 
     def run():
-        paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.088, out=out,
-                               workspace=ws)
+        kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens,
+                                              0.088, out=out, workspace=ws)
 
     run()  # warm up (JIT) outside the capture
     graph = torch.cuda.CUDAGraph()
