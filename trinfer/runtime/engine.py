@@ -22,7 +22,7 @@ from trinfer.triton_kernels.kv_cache_layout import check_block_size
 
 from .block_manager import BlockManager, blocks_needed
 from .kv_cache import choose_num_blocks
-from .model import BACKENDS, get_backend
+from .model import check_cuda_kernels_available, get_backend, parse_backend
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -67,11 +67,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Default: triton on CUDA, torch on the CPU. Triton on the CPU needs the (slow) interpreter."""
+    """The canonical name of a backend choice (`model.parse_backend`: "triton", "torch", "cuda",
+    "cuda:FAMILY[+FAMILY...]"), refused here, before any loading, when it cannot run on `device`.
+
+    Default: triton on CUDA, torch on the CPU. Triton on the CPU needs the (slow) interpreter. The CUDA C++
+    kernels need their built library (the error gives `trinfer.cuda_kernels.unavailable_reason()`) and a
+    CUDA device.
+    """
     if backend is None:
         return "triton" if device.type == "cuda" else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    backend, cuda_families = parse_backend(backend)
+    if cuda_families:
+        check_cuda_kernels_available(backend)
+        if device.type != "cuda":
+            raise ValueError(f"backend: {backend!r} runs CUDA C++ kernels, which need a CUDA device, got device "
+                             f"{device}")
     if backend == "triton" and device.type == "cpu":
         from trinfer.triton_kernels._utils import interpreting
 
@@ -174,7 +184,11 @@ class Engine:
         model: a checkpoint path (Hugging Face directory or .gguf file), None for the default model
             (SmolLM2-135M-Instruct), or a `LoadedModel` already loaded on `device` in `dtype`.
         dtype: "float32" | "bfloat16" | "float16" | torch dtype; default bf16 on CUDA, fp32 on the CPU.
-        backend: "triton" | "torch"; default triton on CUDA, torch on the CPU.
+        backend: "triton" | "torch" | "cuda" | "cuda:FAMILY[+FAMILY...]" (`model.parse_backend`): the Triton
+            kernels, their PyTorch references, or Triton with the CUDA C++ kernels for all / the named families
+            of `model.CUDA_FAMILIES` ("rms_norm", "decode_attention"); default triton on CUDA, torch on the CPU.
+            A backend that cannot run here (CUDA C++ kernels not built, no GPU) or cannot run the model's
+            head_dim is refused with a ValueError at construction.
         device: "cpu" | "cuda[:N]"; default cuda when available.
         max_num_seqs: most sequences running at once (decode batch size).
         num_kv_blocks / kv_cache_memory: KV cache size in blocks or in bytes (at most one); default: 85% of

@@ -2,7 +2,9 @@
 
 Matrix products are torch (`F.linear`) on fused weights: one q/k/v matrix (plus bias for Qwen2) and one
 gate/up matrix per layer. Everything else goes through a `Backend`: the Triton kernels of
-`trinfer.triton_kernels`, or their PyTorch references (the CPU default and the oracle for the kernels).
+`trinfer.triton_kernels`, or their PyTorch references (the CPU default and the oracle for the kernels), or
+the Triton kernels with some kernel families on the CUDA C++ kernels of `trinfer.cuda_kernels`
+(`get_backend` / `parse_backend` give the choices).
 
 A forward pass takes a flat batch of T tokens (a prefill batch: each sequence's uncached tokens one after
 another; or a decode batch: one token per sequence) with its `AttentionMetadata`, writes their K/V into
@@ -13,6 +15,7 @@ Per layer:  h -> norm -> qkv -> rotary(q, k) + write k, v to cache -> paged atte
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +25,15 @@ from torch import nn
 
 from .attention_metadata import AttentionMetadata
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "cuda")  # base names; "cuda:FAMILY[+FAMILY...]" picks families (parse_backend)
+# Kernel families the CUDA C++ backend can take over in the model, in canonical order. "rms_norm" is rms_norm and
+# fused_add_rms_norm; "decode_attention" is paged_decode_attention.
+CUDA_FAMILIES = ("rms_norm", "decode_attention")
+# CUDA C++ kernels the model never calls: it runs their work fused into one Triton kernel.
+_FUSED_ON_TRITON = {
+    "write_kv_cache": "rotary_write_kv_cache (rotary and the K/V cache write in one kernel)",
+    "greedy_sample": "lm_head_greedy (LM head and argmax in one kernel; the logits never go to memory)",
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class Backend:
     paged_decode_attention: Callable
     lm_head_greedy: Callable  # (hidden, weight, return_logprobs=True) -> (ids, logprobs): LM head + argmax
     build_rope_cache: Callable
+    cuda_families: tuple[str, ...] = ()  # the families run by trinfer.cuda_kernels (the rest: name's kernels)
+    check_head_dim: Callable[[int], None] = lambda head_dim: None  # ValueError if the kernels cannot run it
 
 
 def _ignoring_keywords(fn: Callable) -> Callable:
@@ -52,14 +65,78 @@ def _ignoring_keywords(fn: Callable) -> Callable:
     return call
 
 
+def parse_backend(spec: str) -> tuple[str, tuple[str, ...]]:
+    """A backend choice -> (its canonical name, the kernel families it runs on the CUDA C++ kernels).
+
+        "torch"                       the PyTorch references of the kernels: any device, any head_dim
+        "triton"                      the Triton kernels
+        "cuda"                        the Triton kernels, with every family in CUDA_FAMILIES on the CUDA C++
+                                      kernels (trinfer.cuda_kernels): "rms_norm" and "decode_attention"
+        "cuda:FAMILY[+FAMILY...]"     the Triton kernels with only those families on CUDA C++,
+                                      e.g. "cuda:decode_attention" or "cuda:rms_norm"
+
+    Rotary + K/V cache write, SiLU-and-mul, prefill attention and the LM head + argmax always run on Triton: the
+    model calls fused kernels there (rotary_write_kv_cache, lm_head_greedy) that have no CUDA C++ twin. The
+    canonical name lists families in CUDA_FAMILIES order, and is "cuda" when it names them all. Parsing checks
+    the syntax only; `get_backend` checks that the CUDA C++ kernels can run. ValueError names what is wrong.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"backend: expected a str such as {', '.join(map(repr, BACKENDS))} or 'cuda:rms_norm', "
+                         f"got {type(spec).__name__}")
+    kind, sep, rest = spec.strip().partition(":")
+    if kind in ("triton", "torch") and not sep:
+        return kind, ()
+    if kind != "cuda":
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)} or 'cuda:FAMILY[+FAMILY...]' "
+                         f"(families: {', '.join(CUDA_FAMILIES)}), got {spec!r}")
+    if not sep:
+        return "cuda", CUDA_FAMILIES
+    chosen = set()
+    for family in rest.split("+"):
+        family = family.strip()
+        if family in _FUSED_ON_TRITON:
+            raise ValueError(f"backend: {spec!r} names {family!r}, which the model never calls on its own: it runs "
+                             f"{_FUSED_ON_TRITON[family]} on Triton; CUDA C++ families: {', '.join(CUDA_FAMILIES)}")
+        if family not in CUDA_FAMILIES:
+            raise ValueError(f"backend: unknown CUDA C++ kernel family {family!r} in {spec!r}; expected "
+                             f"'cuda:FAMILY[+FAMILY...]' with families from {', '.join(CUDA_FAMILIES)}")
+        chosen.add(family)
+    families = tuple(f for f in CUDA_FAMILIES if f in chosen)
+    return ("cuda" if families == CUDA_FAMILIES else "cuda:" + "+".join(families)), families
+
+
+def check_cuda_kernels_available(name: str) -> None:
+    """ValueError naming why, when backend `name` needs the CUDA C++ kernels and they cannot run here."""
+    from trinfer import cuda_kernels
+
+    reason = cuda_kernels.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"backend: {name!r} needs the CUDA C++ kernels, which cannot run here: {reason}; "
+                         f"{cuda_kernels.BUILD_HINT} (or use backend='triton')")
+
+
+def _triton_head_dims(head_dim: int) -> None:
+    from trinfer.triton_kernels.attention import check_head_dim
+
+    check_head_dim(head_dim, "head_dim")  # the attention kernels' tile tables
+
+
+def _cuda_decode_head_dims(head_dim: int) -> None:
+    from trinfer.cuda_kernels import HEAD_DIMS
+
+    _triton_head_dims(head_dim)  # prefill attention stays on Triton
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: expected one of {HEAD_DIMS} for the CUDA C++ decode attention kernel "
+                         f"(instantiated head dims), got {head_dim}")
+
+
 def get_backend(name: str) -> Backend:
-    """`"triton"`: the Triton kernels. `"torch"`: their PyTorch references, which run anywhere."""
+    """The Backend of a choice (syntax: `parse_backend`): `"triton"`, the Triton kernels; `"torch"`, their PyTorch
+    references, which run anywhere; `"cuda"` / `"cuda:FAMILY[+FAMILY...]"`, the Triton kernels with those families
+    on the CUDA C++ kernels (ValueError naming the reason when those cannot run here)."""
     from trinfer import triton_kernels as K
 
-    if name == "triton":
-        # The fused LM head + argmax: the logits never go to memory.
-        return Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
-                       K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache)
+    name, cuda_families = parse_backend(name)
     if name == "torch":
         from trinfer.triton_kernels import references as R
 
@@ -70,7 +147,21 @@ def get_backend(name: str) -> Backend:
                        _ignoring_keywords(R.rotary_write_kv_cache_ref), R.silu_and_mul_ref,
                        _ignoring_keywords(R.paged_prefill_attention_ref),
                        _ignoring_keywords(R.paged_decode_attention_ref), lm_head_greedy, K.build_rope_cache)
-    raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    # The fused LM head + argmax: the logits never go to memory.
+    triton = Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
+                     K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache,
+                     check_head_dim=_triton_head_dims)
+    if not cuda_families:
+        return triton
+    check_cuda_kernels_available(name)
+    from trinfer import cuda_kernels as C
+
+    ops = {}
+    if "rms_norm" in cuda_families:
+        ops.update(rms_norm=C.rms_norm, fused_add_rms_norm=C.fused_add_rms_norm)
+    if "decode_attention" in cuda_families:
+        ops.update(paged_decode_attention=C.paged_decode_attention, check_head_dim=_cuda_decode_head_dims)
+    return dataclasses.replace(triton, name=name, cuda_families=cuda_families, **ops)
 
 
 def _weight(weights: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -141,6 +232,11 @@ class LlamaModel(nn.Module):
                  validate: bool = False):
         super().__init__()
         c = config
+        try:  # refuse here, not at the first forward pass
+            backend.check_head_dim(c.head_dim)
+        except ValueError as e:
+            raise ValueError(f"backend: {backend.name!r} cannot run this model: {e}; the 'torch' backend runs "
+                             f"any head_dim") from None
         self.config = c
         self.ops = backend
         self.validate = validate  # device-reading input checks in the kernels (debug mode)
