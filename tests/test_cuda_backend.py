@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_stand_in
 from tolerances import assert_close, poisoned
 import trinfer.triton_kernels as tk
 from trinfer import cuda_kernels as ck
-from trinfer.cuda_kernels import _build
 from trinfer.triton_kernels.references import (
     fused_add_rms_norm_ref,
     greedy_sample_ref,
@@ -194,75 +194,13 @@ def test_installing_without_cuda_still_works(tmp_path):
 # Op plumbing on the CPU: csrc's schemas, a plain-PyTorch stand-in, torch.compile
 # ----------------------------------------------------------------------------------------------------------
 
-def _csrc_schemas() -> list[str]:
-    text = (_build.CSRC_DIR / "torch_bindings.cpp").read_text()
-    block = text[text.index(f"TORCH_LIBRARY({_build.OP_NAMESPACE}, m)"):]
-    block = block[: block.index("\n}\n")]
-    defs = re.findall(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", block)
-    return ["".join(re.findall(r"\"([^\"]*)\"", d)) for d in defs]
-
-
-def _stand_in_impls(calls: list):
-    """CPU implementations with the ops' contracts, built from the references; they record their arguments."""
-    def rms_norm(x, weight, out, eps):
-        calls.append(("rms_norm", x.shape, out.shape, eps))
-        out.copy_(rms_norm_ref(x, weight, eps))
-
-    def fused_add_rms_norm(x, residual, weight, out, eps):
-        calls.append(("fused_add_rms_norm", x.shape))
-        out.copy_(fused_add_rms_norm_ref(x, residual, weight, eps))
-
-    def greedy_sample(logits, out_ids):
-        calls.append(("greedy_sample", logits.shape))
-        out_ids.copy_(greedy_sample_ref(logits))
-
-    def greedy_sample_logprobs(logits, out_ids, out_logprobs):
-        calls.append(("greedy_sample_logprobs", logits.shape))
-        ids, lp = greedy_sample_ref(logits, return_logprobs=True)
-        out_ids.copy_(ids)
-        out_logprobs.copy_(lp)
-
-    def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
-        calls.append(("write_kv_cache", k.shape, slot_mapping.dtype))
-        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
-
-    def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, workspace, scale, max_splits,
-                               split_tokens):
-        calls.append(("paged_decode_attention", max_splits, split_tokens, workspace.numel()))
-        capacity = min(block_tables.shape[1] * k_cache.shape[1], max_splits * split_tokens)
-        out.copy_(paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens.clamp(max=capacity), scale))
-
-    return dict(rms_norm=rms_norm, fused_add_rms_norm=fused_add_rms_norm, greedy_sample=greedy_sample,
-                greedy_sample_logprobs=greedy_sample_logprobs, write_kv_cache=write_kv_cache,
-                paged_decode_attention=paged_decode_attention)
-
-
-@pytest.fixture(scope="module")
-def stand_in_library():
-    """Register csrc's op schemas in this process with CPU stand-ins (only where the real library cannot load)."""
+@pytest.fixture
+def stand_in(monkeypatch):
+    """csrc's op schemas registered in this process with CPU stand-ins (tests/cuda_stand_in.py; only where the real
+    library cannot load), the wrappers pointed at them; the stand-ins' call record."""
     if not CPU_TORCH:
         pytest.skip("a CUDA torch may load the real trinfer_cuda library in this process")
-    calls: list = []
-    lib = torch.library.Library(_build.OP_NAMESPACE, "DEF")
-    impls = _stand_in_impls(calls)
-    schemas = _csrc_schemas()
-    assert {s[: s.index("(")] for s in schemas} == set(ck._OPS) == set(impls)
-    for schema in schemas:
-        lib.define(schema)
-        name = schema[: schema.index("(")]
-        lib.impl(name, impls[name], "CPU")
-    ck._register_fakes()
-    yield calls
-    # The namespace stays registered for the rest of the process (fake kernels reference it); nothing else
-    # in a CPU-torch process uses it.
-
-
-@pytest.fixture
-def stand_in(stand_in_library, monkeypatch):
-    monkeypatch.setattr(ck, "_loaded", ck._Library("CPU stand-in (test)"))
-    monkeypatch.setattr(ck, "_require_cuda", lambda name, t: None)
-    stand_in_library.clear()
-    return stand_in_library
+    return cuda_stand_in.activate(monkeypatch)
 
 
 def test_wrappers_call_the_ops_with_their_schema_arguments(stand_in):

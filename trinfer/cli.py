@@ -1,7 +1,8 @@
 """Command line: `trinfer <command> ...` (also `python -m trinfer`).
 
     trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat] [--stream] [--stop S]
-                     [--dtype auto|float32|bfloat16|float16] [--backend triton|torch] [--device cpu|cuda]
+                     [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
+                     [--device cpu|cuda]
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
 
 Each command is a pair of functions: `_add_<command>(subparsers)` declares its arguments and
@@ -29,8 +30,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="compute dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--backend", default=None, choices=("triton", "torch"),
-                   help="kernels: triton (default on CUDA) or their torch references (default on the CPU)")
+    p.add_argument("--backend", default=None, metavar="NAME",
+                   help="kernels: triton (default on CUDA), torch (their PyTorch references; default on the CPU), "
+                        "cuda (Triton with rms_norm and decode_attention on the CUDA C++ kernels) or "
+                        "cuda:FAMILY[+FAMILY] (only those on CUDA C++, e.g. cuda:decode_attention)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (16)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache size in blocks (default: from memory)")

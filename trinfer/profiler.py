@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=16, help="decode steps profiled (16)")
     p.add_argument("--warmup-steps", type=int, default=3, help="decode steps of the warm-up run (3)")
     p.add_argument("--out", type=Path, default=Path("profile_out"), help="folder for traces and profile.json")
-    p.add_argument("--backend", default=None, choices=("triton", "torch"),
-                   help="kernels (default: triton on CUDA, torch on the CPU)")
+    p.add_argument("--backend", default=None, metavar="NAME",
+                   help="kernels: triton, torch, cuda or cuda:FAMILY[+FAMILY] as for 'trinfer generate' "
+                        "(default: triton on CUDA, torch on the CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--top", type=int, default=15, help="kernels listed per phase (15)")
