@@ -150,7 +150,7 @@ PROMPTS = [[1, 5, 9], [1, 7, 7, 7, 2, 30], [1, 100]]
 
 def _greedy(loaded, backend, **kw):
     """Each prompt's greedy tokens (all prompts batched together) and the engine."""
-    llm = LLM(loaded, backend=backend, block_size=4, **kw)
+    llm = LLM(loaded, backend=backend, device="cpu", block_size=4, **kw)
     return [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=5, ignore_eos=True)], llm.engine
 
 
@@ -163,7 +163,7 @@ def torch_tokens(tiny64):
     ("cuda", {"rms_norm", "fused_add_rms_norm", "paged_decode_attention"}),
     ("cuda:decode_attention", {"paged_decode_attention"}),
 ])
-def test_model_runs_the_cuda_families_and_decodes_the_same_tokens(spec, ops, tiny64, torch_tokens, cuda_on_cpu):
+def test_model_runs_the_cuda_families_and_decodes_the_same_tokens(spec, ops, cuda_on_cpu, tiny64, torch_tokens):
     """Through the Engine, a cuda backend calls exactly its families' CUDA ops (never write_kv_cache or
     greedy_sample: the model runs those fused on Triton) and, the ops being the references, gives the tokens of
     the torch backend (the Triton families run under the interpreter)."""
@@ -180,34 +180,34 @@ def test_model_runs_the_cuda_families_and_decodes_the_same_tokens(spec, ops, tin
 # Head dims a backend cannot run: refused at construction
 # ----------------------------------------------------------------------------------------------------------
 
-def _loaded_with_head_dim(tmp_path, head_dim):
+def _loaded_with_head_dim(tmp_path, head_dim, device="cpu"):
     path = make_hf_checkpoint(str(tmp_path), "llama", hidden_size=2 * head_dim, num_attention_heads=2,
                               num_key_value_heads=1, num_hidden_layers=1)
-    return load_model_files(path, device="cpu", dtype=torch.float32, progress=False)
+    return load_model_files(path, device=device, dtype=torch.float32, progress=False)
 
 
-def test_triton_refuses_a_head_dim_without_a_tile(tmp_path):
-    loaded = _loaded_with_head_dim(tmp_path, 16)
+def test_triton_refuses_a_head_dim_without_a_tile(tmp_path, device):
+    loaded = _loaded_with_head_dim(tmp_path, 16, device)
     with pytest.raises(ValueError) as info:
-        Engine(loaded, backend="triton", block_size=4)
+        Engine(loaded, backend="triton", device=device, block_size=4)
     msg = str(info.value)
     for w in ("backend: 'triton' cannot run this model", "head_dim", "[33, 256]", "got 16", "'torch' backend"):
         assert w in msg, (w, msg)
     with pytest.raises(ValueError, match=r"\[33, 256\].*got 16"):
         LlamaModel(loaded.config, loaded.weights, get_backend("triton"))
-    assert Engine(loaded, backend="torch", block_size=4).config.head_dim == 16  # the references run any head_dim
+    assert Engine(loaded, backend="torch", device=device, block_size=4).config.head_dim == 16  # any head_dim
 
 
 def test_cuda_decode_refuses_a_head_dim_it_has_no_instance_for(tmp_path, cuda_on_cpu):
     loaded = _loaded_with_head_dim(tmp_path, 48)  # Triton runs it (padded to 64); the CUDA decode kernel does not
     for spec in ("cuda", "cuda:decode_attention"):
         with pytest.raises(ValueError) as info:
-            Engine(loaded, backend=spec, block_size=4)
+            Engine(loaded, backend=spec, device="cpu", block_size=4)
         msg = str(info.value)
         for w in (f"backend: {spec!r} cannot run this model", "(64, 80, 96, 128, 256)", "got 48"):
             assert w in msg, (w, msg)
-    assert Engine(loaded, backend="cuda:rms_norm", block_size=4).config.head_dim == 48
-    assert Engine(loaded, backend="triton", block_size=4).config.head_dim == 48
+    assert Engine(loaded, backend="cuda:rms_norm", device="cpu", block_size=4).config.head_dim == 48
+    assert Engine(loaded, backend="triton", device="cpu", block_size=4).config.head_dim == 48
 
 
 # ----------------------------------------------------------------------------------------------------------
