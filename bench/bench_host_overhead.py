@@ -7,11 +7,13 @@
 At batch 1, 64 and 256 sequences of 1024 tokens:
     scheduler_decode   Scheduler.schedule() of a decode step + the engine appending each sequence's token
     block_manager      BlockManager allocate + free of the batch (admission and finish of its requests)
-    decode_metadata    DecodeBuffers.fill: block tables, positions, slots, lengths into the static buffers
-                       (on CUDA: pinned staging + host-to-device copies enqueued)
+    decode_metadata    DecodeBuffers.fill of a decode step after every sequence grew by one token (one in 16
+                       crosses a block): lengths, positions, slots, new block-table entries into the static
+                       buffers (on CUDA: pinned staging + one host-to-device copy enqueued)
     prefill_metadata   build_prefill of the batch's prompts (128 tokens each)
     engine_step        Engine.step() with the forward pass replaced by a stub returning fixed tokens: schedule,
-                       metadata, postprocess (append, stop checks, outputs); no detokenization (token-id prompts)
+                       DecodeBuffers.fill, the output copy, postprocess (append, stop checks, outputs); no
+                       detokenization (token-id prompts); the async-decode pipeline as the engine runs it
 Each benchmark also records `pct_of_0.6ms_token` in its extra info: its median as a share of a 0.6 ms decode
 token (Llama-1B class at batch 1 on an H100/H200), where every 10 us of Python costs ~1.7%.
 These are CPU timings of this machine; the model's own launch overhead is `trinfer profile`'s to measure.
@@ -108,17 +110,29 @@ def test_block_manager(benchmark, batch):
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_decode_metadata(benchmark, batch):
-    _, seqs = _running(batch, CONTEXT, 8)
-    buffers = DecodeBuffers(batch, blocks_needed(CONTEXT + 16, BLOCK_SIZE), DEVICE)
+    sched, seqs = _running(batch, CONTEXT, ROUNDS + 20)
+    buffers = DecodeBuffers(batch, blocks_needed(CONTEXT + ROUNDS + 21, BLOCK_SIZE), DEVICE)
+    buffers.fill(seqs, BLOCK_SIZE)  # the batch's first decode step: every row is new
+
+    def grow():  # untimed: the engine appends each token, the scheduler gives the next one its slot
+        for s in seqs:
+            s.num_cached_tokens = s.num_tokens
+            s.append_token(7, -0.5, 0.0)
+        st = sched.schedule()
+        assert len(st.decode) == batch
+        return (), {}
 
     def fill():
         return buffers.fill(seqs, BLOCK_SIZE)
 
-    input_ids, meta = benchmark.pedantic(fill, rounds=ROUNDS, iterations=1, warmup_rounds=5)
+    input_ids, meta = benchmark.pedantic(fill, setup=grow, rounds=ROUNDS, iterations=1, warmup_rounds=5)
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
-    assert meta.num_seqs == batch and int(meta.seq_lens[0]) == CONTEXT + 1
-    assert int(meta.slot_mapping[0]) == seqs[0].block_table[CONTEXT // BLOCK_SIZE] * BLOCK_SIZE + CONTEXT % BLOCK_SIZE
+    s = seqs[0]
+    assert meta.num_seqs == batch and int(meta.seq_lens[0]) == s.num_tokens
+    p = s.num_tokens - 1
+    assert int(meta.slot_mapping[0]) == s.block_table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+    assert meta.block_tables[0, : len(s.block_table)].tolist() == s.block_table
     _record(benchmark)
 
 
@@ -139,10 +153,24 @@ def test_prefill_metadata(benchmark, batch):
 
 
 class _StubRunner:
-    """Stands in for the model runner: the next token of every sequence is fixed, no forward pass."""
+    """Stands in for the model runner: the next token of every sequence is fixed, no forward pass; a decode
+    step still fills the static buffers and copies the (unchanged) outputs back, as the real one does."""
+
+    def __init__(self, buffers: DecodeBuffers):
+        self.buffers = buffers
 
     def run(self, seqs, is_prefill):
         return [11] * len(seqs), [-0.25] * len(seqs)
+
+    def launch_decode(self, seqs, *, ids_on_device=False):
+        from trinfer.runtime.model_runner import PendingDecode
+
+        self.buffers.fill(seqs, BLOCK_SIZE, ids_on_device=ids_on_device, defer_updates=True)
+        return PendingDecode(seqs, self.buffers.start_output_copy(), False)
+
+    def resolve(self, pending):
+        self.buffers.read_outputs(pending.handle, len(pending.seqs))
+        return [11] * len(pending.seqs), [-0.25] * len(pending.seqs)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -154,14 +182,16 @@ def test_engine_step(benchmark, batch):
     per_seq = blocks_needed(CONTEXT + ROUNDS + 30, BLOCK_SIZE)
     engine = Engine(loaded, device="cpu", backend="torch", max_num_seqs=batch, num_kv_blocks=batch * per_seq + 8,
                     max_model_len=CONTEXT + ROUNDS + 40, max_num_batched_tokens=batch * CONTEXT)
-    engine.runner = _StubRunner()
+    engine.runner = _StubRunner(engine.runner.decode_buffers)
     prompt = [3 + i % (loaded.config.vocab_size - 3) for i in range(CONTEXT)]
     for _ in range(batch):
         engine.add_request(prompt, SamplingParams(max_new_tokens=ROUNDS + 20, ignore_eos=True))
     first = engine.step()  # the prefill step
     assert len(first) == batch
+    assert engine.step() == []  # the first decode step is launched; its tokens come with the next step
 
     outs = benchmark.pedantic(engine.step, rounds=ROUNDS, iterations=1, warmup_rounds=5)
     assert len(outs) == batch and all(o.token_ids[-1] == 11 for o in outs)
+    assert engine._pending is not None  # the pipeline ran: each step launched the next before reading one
     assert all(s.status is SequenceStatus.RUNNING for s in engine.scheduler.running)
     _record(benchmark)

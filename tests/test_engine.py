@@ -237,12 +237,8 @@ def test_chat_answers_and_ends_with_eos(smol):
 def test_padded_decode_batch_gives_the_same_tokens(loaded, alone):
     """Decode batches padded to a larger size (as for a captured CUDA graph: slot -1, length 0) change nothing."""
     eng = engine(loaded, max_num_seqs=8)
-    runner, real_run = eng.runner, eng.runner.run
-
-    def padded_run(seqs, is_prefill, padded_size=None):
-        return real_run(seqs, is_prefill, padded_size=None if is_prefill else min(8, len(seqs) + 3))
-
-    runner.run = padded_run
+    eng.runner.pad_decode, eng.runner.batch_buckets = True, (4, 8)  # what CUDA does with its graph buckets
+    assert [eng.runner.decode_size(n) for n in (1, 3, 4, 5)] == [4, 4, 4, 8]
     for i in (0, 3, 5):
         eng.add_request(PROMPTS[i], max_new_tokens=NEW[i], ignore_eos=True, request_id=i)
     final = {o.request_id: o.token_ids for o in eng.run_until_done() if o.finished}
@@ -259,9 +255,7 @@ def test_triton_backend_batching_padding_preemption(tmp_path):
     def run(backend, num_kv_blocks, pad=False):
         eng = Engine(tiny, backend=backend, block_size=4, num_kv_blocks=num_kv_blocks)
         if pad:
-            real_run = eng.runner.run
-            eng.runner.run = lambda s, prefill, padded_size=None: real_run(
-                s, prefill, padded_size=None if prefill else len(s) + 2)
+            eng.runner.pad_decode, eng.runner.batch_buckets = True, (3, 6, 32)
         final, step = {}, 0
         while len(final) < len(prompts):
             if step < len(prompts):

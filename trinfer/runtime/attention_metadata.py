@@ -3,12 +3,14 @@
 A forward pass is either a prefill batch (each sequence's uncached tokens, concatenated) or a decode batch
 (one token per sequence). Decode metadata lives in static buffers allocated once (`DecodeBuffers`), so
 that a CUDA graph captured over them replays with new contents; a batch can be padded to a larger
-captured size with slot -1 (no KV write) and sequence length 0.
+captured size with slot -1 (no KV write) and sequence length 0. The decode buffers are updated
+incrementally (only what changed since the previous step travels to the device).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sequence import Sequence
@@ -29,7 +31,9 @@ class AttentionMetadata:
         seq_lens      [B] int32  tokens of each sequence in the cache once this step's K/V is written
         cu_seqlens_q  [B+1] int32  prefill: offsets of each sequence's tokens in the T dim (None in decode)
         logits_indices [B] int64  prefill: row of each sequence's last token (None in decode: row b is b)
-        max_q_len, max_seq_len: host-side maxima (launch sizes without a device sync)
+        max_q_len, max_seq_len: host-side maxima (launch sizes without a device sync); in a captured decode
+            step max_seq_len is the graph's bound, not the batch's longest sequence
+        decode_workspace: fp32 scratch of the split decode attention, allocated once (None: allocated per call)
     """
 
     is_prefill: bool
@@ -42,6 +46,7 @@ class AttentionMetadata:
     max_q_len: int
     max_seq_len: int
     num_seqs: int
+    decode_workspace: torch.Tensor | None = None  # decode: preallocated attention scratch (static for CUDA graphs)
 
     @property
     def num_tokens(self) -> int:
@@ -93,72 +98,239 @@ def build_prefill(seqs: list[Sequence], block_size: int, device: torch.device) -
 
 
 class DecodeBuffers:
-    """Static device buffers for decode steps of up to `max_num_seqs` sequences.
+    """Static decode-step buffers for up to `max_num_seqs` sequences, updated incrementally from the host.
 
-    `fill()` writes a batch into host staging tensors (pinned on CUDA), copies them into the device
-    buffers, and returns input ids and metadata that are views of those buffers: the same storage every
-    step, as CUDA-graph replay requires. Rows past the batch (padding up to `padded_size`) get token 0,
-    position 0, slot -1 and length 0.
+    Device memory, allocated once (a captured CUDA graph holds pointers into it):
+        packed        int64: | logprobs (fp32) | ids | positions | slots | seq_lens (int32) | table updates |
+                      `input_ids` are the step's inputs and, once the step ran, its argmax outputs (the next
+                      step's inputs: a step that continues the same batch leaves them on the device).
+        block_tables  int32 [max_num_seqs + 1, max_blocks_per_seq]; the extra row absorbs unused updates.
+    Host memory:
+        two pinned staging copies of `packed` used in turn (a copy still in flight is never overwritten; an
+        event guards the reuse), a numpy mirror of the block tables, and which sequence and which block-table
+        list each row holds.
+
+    `fill()` costs O(batch) Python for the new lengths, vectorized numpy for positions and slots, and one
+    host-to-device copy of the packed staging. Block tables travel only as changes: the new block of a
+    sequence that crossed a block boundary, or a whole row when a row changes hands (the batch changed).
+    Up to `max_updates` changes ride in the packed copy and are scattered on the device by
+    `apply_block_updates()` (which a CUDA graph captures); more are scattered at once by a separate copy.
+    Rows past the batch (padding up to `padded_size`) get position 0, slot -1 and length 0.
     """
 
-    def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device):
-        self.max_num_seqs = max_num_seqs
-        self.max_blocks_per_seq = max_blocks_per_seq
-        self.device = device
-        pin = device.type == "cuda"
+    def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device, *,
+                 max_updates: int | None = None):
+        m, w = max_num_seqs, max_blocks_per_seq
+        k = max(m, 1) if max_updates is None else max_updates
+        self.max_num_seqs, self.max_blocks_per_seq, self.device, self.max_updates = m, w, device, k
+        half = (m + 1) // 2
+        # Offsets (in int64 units) of the regions of `packed`.
+        self._lp, self._ids = 0, half
+        self._pos = self._ids + m
+        self._slot = self._pos + m
+        self._lens = self._slot + m
+        self._uidx = self._lens + half
+        self._uval = self._uidx + k
+        numel = self._uval + (k + 1) // 2
+        self._cuda = device.type == "cuda"
 
-        def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, torch.zeros(shape, dtype=dtype, device=device)
+        self.packed = torch.zeros(numel, dtype=torch.int64, device=device)
+        self._tables_dev = torch.zeros((m + 1, w), dtype=INDEX_DTYPE, device=device)
+        self._tables_flat = self._tables_dev.view(-1)
+        self._sink = m * w  # first entry of the extra row
+        self.logprobs = self.packed[self._lp: self._ids].view(torch.float32)[:m]
+        self.input_ids = self.packed[self._ids: self._pos]
+        self.positions = self.packed[self._pos: self._slot]
+        self.slot_mapping = self.packed[self._slot: self._lens]
+        self.seq_lens = self.packed[self._lens: self._uidx].view(torch.int32)[:m]
+        self.block_tables = self._tables_dev[:m]
+        self._upd_idx = self.packed[self._uidx: self._uval]
+        self._upd_val = self.packed[self._uval:].view(torch.int32)[:k]
+        self.workspace: torch.Tensor | None = None  # decode attention scratch, set by the model runner
+        self._views: dict[int, tuple] = {}
 
-        self._h_ids, self.input_ids = pair((max_num_seqs,), torch.int64)
-        self._h_pos, self.positions = pair((max_num_seqs,), POSITION_DTYPE)
-        self._h_slots, self.slot_mapping = pair((max_num_seqs,), SLOT_DTYPE)
-        self._h_lens, self.seq_lens = pair((max_num_seqs,), INDEX_DTYPE)
-        self._h_tables, self.block_tables = pair((max_num_seqs, max_blocks_per_seq), INDEX_DTYPE)
+        self._staging = [torch.zeros(numel, dtype=torch.int64, pin_memory=self._cuda) for _ in range(2)]
+        self._staging_np = [self._regions(t.numpy()) for t in self._staging]
+        self._staging_rows = [m, m]     # rows of each staging copy that may hold a sequence (the rest: padding)
+        self._staging_updates = [k, k]  # update entries of each staging copy that may not point at the sink
+        self._copy_views = {}           # (staging index, ids too) -> (device slice, staging slice)
+        self._staging_events = [torch.cuda.Event() if self._cuda else None for _ in range(2)]
+        self._staging_used = [False, False]
+        self._next_staging = 0
+        self._out_host = [torch.zeros(self._pos, dtype=torch.int64, pin_memory=self._cuda) for _ in range(2)]
+        self._out_np = [dict(ids=t.numpy()[self._ids:], lp=t.numpy()[: self._ids].view(np.float32)[:m])
+                        for t in self._out_host]
+        self._out_events = [torch.cuda.Event() if self._cuda else None for _ in range(2)]
+        self._next_out = 0
 
-    def fill(self, seqs: list[Sequence], block_size: int, padded_size: int | None = None
-             ) -> tuple[torch.Tensor, AttentionMetadata]:
+        self._tables = np.zeros((m, w), dtype=np.int32)  # host mirror of block_tables
+        self._row_nblocks = [0] * m   # entries of the row written so far (mirrored in _row_nblocks_np)
+        self._row_nblocks_np = np.zeros(m, dtype=np.int64)
+        self._row_seq: list = [None] * m  # the sequence each row holds
+        self._row_bt: list = [None] * m   # the block-table list object it held then (a new list = new blocks)
+        self._num_rows = 0
+        self._rows = np.arange(m, dtype=np.int64)
+        for r in self._staging_np:
+            self._pad(r, 0, m, 0, k)
+        self.fill_padding()
+
+    # ------------------------------------------------------------------ views
+    def _regions(self, h: np.ndarray) -> dict[str, np.ndarray]:
+        """numpy views of the regions of a host copy of `packed`."""
+        m, k = self.max_num_seqs, self.max_updates
+        return dict(ids=h[self._ids: self._pos], pos=h[self._pos: self._slot], slot=h[self._slot: self._lens],
+                    lens=h[self._lens: self._uidx].view(np.int32)[:m], uidx=h[self._uidx: self._uval],
+                    uval=h[self._uval:].view(np.int32)[:k], lp=h[self._lp: self._ids].view(np.float32)[:m])
+
+    def _pad(self, r: dict[str, np.ndarray], n: int, rows: int, u: int, updates: int) -> None:
+        """Rows n..rows as padding (id 0, position 0, slot -1, length 0); update entries u..updates unused."""
+        if rows > n:
+            r["ids"][n:rows] = 0
+            r["pos"][n:rows] = 0
+            r["slot"][n:rows] = -1
+            r["lens"][n:rows] = 0
+        if updates > u:
+            r["uidx"][u:updates] = self._sink
+            r["uval"][u:updates] = 0
+
+    def fill_padding(self) -> None:
+        """Every row padding and no table update, on the device now (synchronous; before graph capture)."""
+        h = torch.zeros(self._staging[0].shape, dtype=torch.int64)
+        self._pad(self._regions(h.numpy()), 0, self.max_num_seqs, 0, self.max_updates)
+        self.packed.copy_(h)
+
+    def metadata(self, size: int, max_seq_len: int) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Input ids and metadata of a decode batch of `size` rows: views of the static buffers (the same
+        storage for every step). `max_seq_len` sizes the attention grid: the batch's longest sequence, or
+        for a captured graph any upper bound of it."""
+        v = self._views.get(size)
+        if v is None:
+            v = self._views[size] = (self.input_ids[:size], self.positions[:size], self.slot_mapping[:size],
+                                     self.block_tables[:size], self.seq_lens[:size])
+        ids, pos, slots, tables, lens = v
+        return ids, AttentionMetadata(
+            is_prefill=False, positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=lens,
+            cu_seqlens_q=None, logits_indices=None, max_q_len=1, max_seq_len=max_seq_len, num_seqs=size,
+            decode_workspace=self.workspace)
+
+    # ------------------------------------------------------------------ one step's inputs
+    def fill(self, seqs: list[Sequence], block_size: int, padded_size: int | None = None, *,
+             ids_on_device: bool = False, defer_updates: bool = False) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Write a decode batch into the static buffers (enqueued: non-blocking copies on CUDA).
+
+        Row i holds seqs[i], fed at position `num_tokens - 1`. ids_on_device: the ids are already in
+        `input_ids` (the previous step's argmax over exactly the same batch); else each sequence's
+        `last_token_id` is sent. defer_updates: leave the block-table changes to `apply_block_updates()`
+        (the model runner runs it inside the captured step); else they are applied here.
+        Returns `metadata(size, longest sequence)`.
+        """
         n = len(seqs)
         size = n if padded_size is None else padded_size
-        if not 1 <= n <= size <= self.max_num_seqs:
-            raise ValueError(f"decode batch: expected 1 <= {n} sequences <= padded size {size} <= {self.max_num_seqs}")
-        ids, pos, slots, lens = [], [], [], []
-        max_len = 0
+        m, w = self.max_num_seqs, self.max_blocks_per_seq
+        if not 1 <= n <= size <= m:
+            raise ValueError(f"decode batch: expected 1 <= {n} sequences <= padded size {size} <= {m}")
+        row_seq, row_bt, row_nb, tables = self._row_seq, self._row_bt, self._row_nblocks, self._tables
+        lens = [0] * n
+        changed, grown = [], []
         for i, s in enumerate(seqs):
-            p = s.num_tokens - 1
-            ids.append(s.last_token_id)
-            pos.append(p)
-            slots.append(s.block_table[p // block_size] * block_size + p % block_size)
-            lens.append(s.num_tokens)
-            max_len = max(max_len, s.num_tokens)
-            nb = len(s.block_table)
-            if nb > self.max_blocks_per_seq:
-                raise ValueError(f"{s!r}: {nb} blocks, more than the {self.max_blocks_per_seq} per sequence")
-            self._h_tables[i, :nb] = torch.tensor(s.block_table, dtype=INDEX_DTYPE)
-        pad = size - n
-        self._h_ids[:size] = torch.tensor(ids + [0] * pad)
-        self._h_pos[:size] = torch.tensor(pos + [0] * pad)
-        self._h_slots[:size] = torch.tensor(slots + [-1] * pad)
-        self._h_lens[:size] = torch.tensor(lens + [0] * pad)
-        if pad:
-            self._h_tables[n:size] = 0
-        nb = -(-max_len // block_size)  # only the columns some sequence uses need to travel
-        self.input_ids[:size].copy_(self._h_ids[:size], non_blocking=True)
-        self.positions[:size].copy_(self._h_pos[:size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self._h_slots[:size], non_blocking=True)
-        self.seq_lens[:size].copy_(self._h_lens[:size], non_blocking=True)
-        self.block_tables[:size, :nb].copy_(self._h_tables[:size, :nb], non_blocking=True)
-        meta = AttentionMetadata(
-            is_prefill=False,
-            positions=self.positions[:size],
-            slot_mapping=self.slot_mapping[:size],
-            block_tables=self.block_tables[:size],
-            seq_lens=self.seq_lens[:size],
-            cu_seqlens_q=None,
-            logits_indices=None,
-            max_q_len=1,
-            max_seq_len=max_len,
-            num_seqs=size,
-        )
-        return self.input_ids[:size], meta
+            lens[i] = s.num_tokens
+            bt = s.block_table
+            if row_seq[i] is not s or row_bt[i] is not bt:
+                changed.append(i)
+            elif len(bt) != row_nb[i]:
+                grown.append(i)
+        if changed and ids_on_device:
+            raise RuntimeError("decode batch: ids_on_device needs the rows of the previous step, but the batch "
+                               f"changed at rows {changed[:8]}")
+        for i in range(n, self._num_rows):  # rows no longer in use: forget their sequences
+            row_seq[i] = row_bt[i] = None
+        self._num_rows = n
+
+        upd_idx: list[int] = []
+        upd_val: list[int] = []
+        for i, fresh in [(i, False) for i in grown] + [(i, True) for i in changed]:
+            s = seqs[i]
+            bt = s.block_table
+            nb = len(bt)
+            if nb > w:
+                raise ValueError(f"{s!r}: {nb} blocks, more than the {w} per sequence")
+            j0 = 0 if fresh else min(row_nb[i], nb)
+            if nb > j0:
+                new = bt[j0:nb]
+                tables[i, j0:nb] = new
+                upd_idx.extend(range(i * w + j0, i * w + nb))
+                upd_val.extend(new)
+            row_nb[i] = nb
+            if fresh:
+                row_seq[i], row_bt[i] = s, bt
+            self._row_nblocks_np[i] = nb
+
+        lens_np = np.array(lens, dtype=np.int64)
+        pos = lens_np - 1  # >= 0: a sequence always holds a token
+        blk = pos // block_size
+        bad = blk >= self._row_nblocks_np[:n]
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{seqs[i]!r}: token {int(pos[i])} has no KV block (blocks {seqs[i].block_table})")
+        slots = tables[self._rows[:n], blk].astype(np.int64) * block_size + pos % block_size
+
+        k = self._next_staging
+        self._next_staging ^= 1
+        if self._staging_used[k] and self._staging_events[k] is not None:
+            self._staging_events[k].synchronize()  # its previous copy has long run; never overwrite one in flight
+        r = self._staging_np[k]
+        bulk = len(upd_idx) > self.max_updates
+        nu = 0 if bulk else len(upd_idx)
+        self._pad(r, n, self._staging_rows[k], nu, self._staging_updates[k])
+        self._staging_rows[k], self._staging_updates[k] = n, nu
+        if not ids_on_device:
+            r["ids"][:n] = [s.token_ids[-1] for s in seqs]
+        r["pos"][:n] = pos
+        r["slot"][:n] = slots
+        r["lens"][:n] = lens_np
+        if nu:
+            r["uidx"][:nu] = upd_idx
+            r["uval"][:nu] = upd_val
+        views = self._copy_views.get((k, ids_on_device))
+        if views is None:
+            start = self._pos if ids_on_device else self._ids
+            views = self._copy_views[(k, ids_on_device)] = (self.packed[start:], self._staging[k][start:])
+        views[0].copy_(views[1], non_blocking=True)
+        self._staging_used[k] = True
+        if self._staging_events[k] is not None:
+            self._staging_events[k].record()
+        if bulk:  # a batch change rewrote many rows: scatter them now, outside the (fixed-size) update region
+            idx = torch.from_numpy(np.array(upd_idx, dtype=np.int64))
+            val = torch.from_numpy(np.array(upd_val, dtype=np.int32))
+            if self._cuda:
+                idx = idx.pin_memory().to(self.device, non_blocking=True)
+                val = val.pin_memory().to(self.device, non_blocking=True)
+            self._tables_flat.index_copy_(0, idx, val)
+        if not defer_updates:
+            self.apply_block_updates()
+        return self.metadata(size, int(lens_np.max()))
+
+    def apply_block_updates(self) -> None:
+        """Scatter the block-table changes of the last `fill` into `block_tables` (a fixed-size device op, the
+        same every step: unused entries write 0 into the extra row). Runs inside the captured decode step."""
+        self._tables_flat.index_copy_(0, self._upd_idx, self._upd_val)
+
+    # ------------------------------------------------------------------ outputs
+    def start_output_copy(self) -> int:
+        """Enqueue the copy of the step's ids and logprobs to pinned host memory; returns a handle for
+        `read_outputs`. Two host buffers are used in turn: read a handle before starting the second copy
+        after it."""
+        k = self._next_out
+        self._next_out ^= 1
+        self._out_host[k].copy_(self.packed[: self._pos], non_blocking=True)
+        if self._out_events[k] is not None:
+            self._out_events[k].record()
+        return k
+
+    def read_outputs(self, handle: int, n: int) -> tuple[list[int], list[float]]:
+        """Wait for the copy `handle` (the only host synchronisation of a decode step) and return the first
+        n ids and logprobs."""
+        if self._out_events[handle] is not None:
+            self._out_events[handle].synchronize()
+        r = self._out_np[handle]
+        return r["ids"][:n].tolist(), r["lp"][:n].tolist()

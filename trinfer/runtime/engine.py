@@ -23,7 +23,7 @@ from trinfer.triton_kernels.kv_cache_layout import check_block_size
 from .block_manager import BlockManager, blocks_needed
 from .kv_cache import choose_num_blocks
 from .model import check_cuda_kernels_available, get_backend, parse_backend
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PendingDecode
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -197,12 +197,19 @@ class Engine:
         max_num_batched_tokens: most tokens in one prefill batch (default 8192; a longer prompt still runs,
             alone).
         max_model_len: context length, at most the model's (default: the model's).
-        debug: kernels also run their input checks that read device memory (slower).
+        debug: kernels also run their input checks that read device memory (slower; no CUDA graphs).
+        cuda_graphs: capture the decode step as CUDA graphs at start-up and replay them (default True; used
+            on CUDA with the triton/cuda backends only, never with debug). `runner.graph_capture_s` and
+            `runner.graph_memory_bytes` report what the capture cost.
+        async_decode: enqueue decode step k+1 before reading step k's tokens back (default True): the device
+            never waits for the host between steps, and each `step()` returns the previous decode step's
+            outputs. The tokens, texts and finish reasons are exactly those of the synchronous loop (False).
     """
 
     def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
-                 max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False):
+                 max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False,
+                 cuda_graphs: bool = True, async_decode: bool = True):
         from .loader import LoadedModel, load_model_files
 
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -237,14 +244,20 @@ class Engine:
         num_blocks = choose_num_blocks(cfg, block_size=block_size, dtype=self.dtype, device=self.device,
                                        max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                        num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory)
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and self.backend_name != "torch" \
+            and not debug
         self.runner = ModelRunner(cfg, loaded.weights, get_backend(self.backend_name), device=self.device,
                                   dtype=self.dtype, num_blocks=num_blocks, block_size=block_size,
-                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, debug=debug)
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, debug=debug,
+                                  cuda_graphs=self.cuda_graphs)
+        self.async_decode = bool(async_decode)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS)
         self.eos_token_ids = frozenset(cfg.eos_token_ids or ())
         self._requests: dict[Any, Sequence] = {}
         self._ids = itertools.count()
+        self._pending: PendingDecode | None = None  # the launched decode step whose tokens are not read yet
+        self._ready: list[RequestOutput] = []       # outputs made outside step() (a drain), for the next step()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
@@ -339,16 +352,24 @@ class Engine:
         ids[:] = [int(t) for t in ids]
 
     def abort(self, request_id: Any) -> RequestOutput:
-        """Stop a request now and free its blocks; returns its final output (finish_reason "abort")."""
+        """Stop a request now and free its blocks; returns its final output (finish_reason "abort").
+
+        A request in the decode step still running on the device gets that step's token first (the other
+        requests' tokens of that step come with the next `step()`), as in the synchronous loop."""
+        seq = self._requests.get(request_id)
+        if seq is not None and self._pending is not None and any(s is seq for s in self._pending.seqs):
+            pending, self._pending = self._pending, None
+            self._ready += self._resolve(pending)
         seq = self._requests.pop(request_id, None)
         if seq is None:
             raise KeyError(f"abort: unknown request id {request_id!r} (never added, or already finished)")
         seq.finish_reason = FinishReason.ABORT
+        seq.num_pending = 0
         self.scheduler.finish(seq)
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._ready) or self.scheduler.has_unfinished()
 
     @property
     def num_preemptions(self) -> int:
@@ -356,26 +377,88 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return an output for every request that got a token (or finished)."""
+        """Run one scheduling step; return an output for every request that got a token (or finished).
+
+        With `async_decode`, a decode step is launched here and its tokens are read by the next call, after
+        that call has launched the following step (so the device always has the next step queued); the
+        prefill's first tokens come at once. The pipeline goes on only while the next step is certain to be
+        the one the synchronous loop would run: nobody waiting, the same running batch, no sequence at its
+        length or context limit, no preemption possible. Otherwise the pending step is read first (a drain).
+        When the read step ends a sequence (EOS or a stop string), the step launched over it is dropped and
+        run again without it: the KV it wrote lies in that sequence's own blocks or is rewritten, so outputs
+        are exactly those of the synchronous loop."""
+        outputs, self._ready = self._ready, []
+        pending, self._pending = self._pending, None
+        if pending is not None and not self._can_continue(pending):
+            outputs += self._resolve(pending)
+            pending = None
         step = self.scheduler.schedule()
-        if step.empty and self.scheduler.has_unfinished():  # cannot happen: add_request refuses what never fits
+        if step.empty and pending is None and self.scheduler.has_unfinished():  # add_request refuses what never fits
             raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
                                f"{self.scheduler.block_manager.num_free_blocks} free blocks")
-        outputs = []
-        for seqs, is_prefill in ((step.prefill, True), (step.decode, False)):
-            if not seqs:
-                continue
-            token_ids, logprobs = self.runner.run(seqs, is_prefill)
+        if step.prefill:
+            token_ids, logprobs = self.runner.run(step.prefill, True)
             now = time.perf_counter()
-            for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            for seq, token_id, logprob in zip(step.prefill, token_ids, logprobs):
                 seq.num_cached_tokens = seq.num_tokens
                 seq.append_token(token_id, logprob, now)
-                self._postprocess(seq, token_id)
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                    del self._requests[seq.request_id]
-                outputs.append(self._output(seq))
+                self._add_token(seq, token_id, outputs)
+        launched = self._launch(step.decode, ids_on_device=pending is not None) if step.decode else None
+        if pending is not None:
+            outputs += self._resolve(pending)
+            if any(s.finish_reason is not None for s in launched.seqs):
+                for s in launched.seqs:  # drop the launched step: a sequence of it has just finished
+                    s.num_pending -= 1
+                survivors = [s for s in launched.seqs if s.finish_reason is None]
+                launched = self._launch(survivors, ids_on_device=False) if survivors else None
+        if launched is not None and not self.async_decode:
+            outputs += self._resolve(launched)
+            launched = None
+        self._pending = launched
         return outputs
+
+    def _can_continue(self, pending: PendingDecode) -> bool:
+        """Whether the next decode step can be launched before `pending`'s tokens are read: it is then the step
+        the synchronous loop would run, whatever those tokens are (unless one ends a sequence: see step())."""
+        sched = self.scheduler
+        if sched.waiting or len(sched.running) != len(pending.seqs):
+            return False
+        bs, need, max_len = self.block_size, 0, self.max_model_len
+        for running, seq in zip(sched.running, pending.seqs):
+            if running is not seq:
+                return False
+            if seq.num_output_tokens + seq.num_pending >= seq.params.max_new_tokens or seq.num_tokens >= max_len:
+                return False  # its pending token ends it (length or context)
+            if len(seq.block_table) * bs < seq.num_tokens:
+                need += 1
+        return need <= sched.block_manager.num_free_blocks  # no preemption
+
+    def _launch(self, seqs: list[Sequence], ids_on_device: bool) -> PendingDecode:
+        pending = self.runner.launch_decode(seqs, ids_on_device=ids_on_device)
+        for seq in seqs:
+            seq.num_cached_tokens = seq.num_tokens  # the fed token's K/V is written by this step
+            seq.num_pending += 1
+        return pending
+
+    def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:
+        """Read a launched decode step's tokens (waits for it) and process them."""
+        token_ids, logprobs = self.runner.resolve(pending)
+        now = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        for seq, token_id, logprob in zip(pending.seqs, token_ids, logprobs):
+            if seq.finish_reason is not None:  # aborted while the step ran: its token is dropped
+                continue
+            seq.num_pending -= 1
+            seq.append_token(token_id, logprob, now)
+            self._add_token(seq, token_id, outputs)
+        return outputs
+
+    def _add_token(self, seq: Sequence, token_id: int, outputs: list[RequestOutput]) -> None:
+        self._postprocess(seq, token_id)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            del self._requests[seq.request_id]
+        outputs.append(self._output(seq))
 
     def _postprocess(self, seq: Sequence, token_id: int) -> None:
         """Detokenize the new token and decide whether the sequence is done."""
@@ -387,7 +470,7 @@ class Engine:
         if seq.finish_reason is None:
             if seq.num_output_tokens >= p.max_new_tokens:
                 seq.finish_reason = FinishReason.LENGTH
-            elif seq.num_tokens >= self.max_model_len:
+            elif len(seq.token_ids) >= self.max_model_len:
                 seq.finish_reason = FinishReason.CONTEXT
         if seq.finish_reason not in (None, FinishReason.STOP) and seq.detokenizer is not None:
             self._add_text(seq, seq.detokenizer.flush())

@@ -15,15 +15,16 @@ class LLM:
         print(out.text, out.finish_reason, out.timings.ttft)
 
     Arguments are those of `Engine` (model path or None for the default model, dtype, backend, device,
-    max_num_seqs, num_kv_blocks, kv_cache_memory, block_size, debug, ...).
+    max_num_seqs, num_kv_blocks, kv_cache_memory, block_size, debug, cuda_graphs, ...). `cuda_graphs=False`
+    runs every decode step eagerly (on CUDA they are captured and replayed by default).
     """
 
     def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
-                 debug: bool = False, **engine_kwargs: Any):
+                 debug: bool = False, cuda_graphs: bool = True, **engine_kwargs: Any):
         self.engine = Engine(model, dtype=dtype, backend=backend, device=device, max_num_seqs=max_num_seqs,
                              num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, block_size=block_size,
-                             debug=debug, **engine_kwargs)
+                             debug=debug, cuda_graphs=cuda_graphs, **engine_kwargs)
 
     @property
     def tokenizer(self):

@@ -51,7 +51,7 @@ class Backend:
     silu_and_mul: Callable
     paged_prefill_attention: Callable
     paged_decode_attention: Callable
-    lm_head_greedy: Callable  # (hidden, weight, return_logprobs=True) -> (ids, logprobs): LM head + argmax
+    lm_head_greedy: Callable  # (hidden, weight, return_logprobs=True[, out=(ids, logprobs)]): LM head + argmax
     build_rope_cache: Callable
     cuda_families: tuple[str, ...] = ()  # the families run by trinfer.cuda_kernels (the rest: name's kernels)
     check_head_dim: Callable[[int], None] = lambda head_dim: None  # ValueError if the kernels cannot run it
@@ -140,8 +140,13 @@ def get_backend(name: str) -> Backend:
     if name == "torch":
         from trinfer.triton_kernels import references as R
 
-        def lm_head_greedy(hidden, weight, return_logprobs=False):  # torch's matmul, then the argmax reference
-            return R.greedy_sample_ref(F.linear(hidden, weight), return_logprobs)
+        def lm_head_greedy(hidden, weight, return_logprobs=False, out=None):  # torch's matmul, then the argmax
+            res = R.greedy_sample_ref(F.linear(hidden, weight), return_logprobs)
+            if out is None:
+                return res
+            for o, r in zip(out if return_logprobs else (out,), res if return_logprobs else (res,)):
+                o.copy_(r)
+            return out
 
         return Backend("torch", R.rms_norm_ref, R.fused_add_rms_norm_ref,
                        _ignoring_keywords(R.rotary_write_kv_cache_ref), R.silu_and_mul_ref,
@@ -220,7 +225,8 @@ class DecoderLayer(nn.Module):
                                             self.scale, max_q_len=meta.max_q_len, validate=validate)
         else:
             o = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                           max_seq_len=meta.max_seq_len, validate=validate)
+                                           max_seq_len=meta.max_seq_len, workspace=meta.decode_workspace,
+                                           validate=validate)
         return F.linear(o.reshape(T, self.q_size), self.o_proj)
 
 
@@ -261,9 +267,13 @@ class LlamaModel(nn.Module):
             h, residual = h[meta.logits_indices], residual[meta.logits_indices]
         return self.ops.fused_add_rms_norm(h, residual, self.norm, self.config.rms_norm_eps)
 
-    def sample(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy next token of each row of `hidden` (int64, on the device) and its fp32 log-probability."""
-        return self.ops.lm_head_greedy(hidden, self.lm_head, return_logprobs=True)
+    def sample(self, hidden: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy next token of each row of `hidden` (int64, on the device) and its fp32 log-probability;
+        written into `out` = (ids, logprobs) when given (static buffers of a captured decode step)."""
+        if out is None:
+            return self.ops.lm_head_greedy(hidden, self.lm_head, return_logprobs=True)
+        return self.ops.lm_head_greedy(hidden, self.lm_head, return_logprobs=True, out=out)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits `[B, vocab]` (not used for decoding: `sample` never writes them)."""

@@ -1,42 +1,211 @@
 """Runs the model for a scheduled batch: builds the step's metadata, runs the forward pass, takes the argmax.
 
-Holds the model, the paged KV cache and the static decode buffers. The argmax (greedy_sample) runs on the
-device (fused with the LM head on the triton backend); only the chosen token ids and their log-probabilities come back to the host.
+Holds the model, the paged KV cache, the static decode buffers and (on CUDA) the captured decode graphs.
+
+Prefill runs eagerly and returns its tokens at once. A decode step is launched (`launch_decode`) and its
+tokens are read later (`resolve`): the argmax runs on the device and writes the next step's input ids in
+place, the ids and log-probabilities go to pinned host memory by an asynchronous copy, and only `resolve`
+waits for that copy. So the engine can enqueue step k+1 before it reads step k's tokens.
+
+CUDA graphs: one per (batch bucket, context bucket), captured at start-up, largest first, in one memory
+pool, over the static buffers of `DecodeBuffers`. A batch is padded to the smallest batch bucket that holds
+it (padding rows: slot -1, length 0). The decode-attention grid is sized by a host value, the longest
+sequence: a graph captures it at its context bucket's bound (splits past a sequence's end exit at once,
+and the result never depends on the grid), and the smallest bound >= the batch's longest sequence is
+replayed. Context buckets grow by 4x from one split (256 tokens) to max_model_len, so at most 3/4 of the
+split programs are empty ones, where the single bound max_model_len would launch, for a 128K-context model at
+batch 32, 512 split programs per sequence and KV head, almost all empty, in every layer of every step.
+Batches larger than the largest bucket run eagerly. On the CPU (or with graphs off) the same step runs eagerly.
 """
 from __future__ import annotations
 
+import bisect
+import gc
+import logging
+import time
+
 import torch
 
-from .attention_metadata import DecodeBuffers, build_prefill
+from trinfer.triton_kernels.attention import DECODE_SPLIT_TOKENS, decode_workspace_numel
+
+from .attention_metadata import AttentionMetadata, DecodeBuffers, build_prefill
 from .block_manager import blocks_needed
 from .kv_cache import KVCache, allocate_kv_cache
 from .model import Backend, LlamaModel
 from .sequence import Sequence
 
+logger = logging.getLogger(__name__)
+
+CONTEXT_BUCKET_FACTOR = 4
+
+
+def decode_batch_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Batch sizes with a captured graph: 1, 2, 4, 8, then every 16 up to max_num_seqs (always included)."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_num_seqs] + list(range(16, max_num_seqs + 1, 16))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return tuple(sizes)
+
+
+def context_buckets(max_model_len: int, split_tokens: int = DECODE_SPLIT_TOKENS,
+                    factor: int = CONTEXT_BUCKET_FACTOR) -> tuple[int, ...]:
+    """Attention-grid bounds (tokens) with a captured graph: split_tokens * factor**i below max_model_len, then
+    max_model_len itself."""
+    bounds, b = [], split_tokens
+    while b < max_model_len:
+        bounds.append(b)
+        b *= factor
+    return tuple(bounds) + (max_model_len,)
+
+
+def bucket_for(buckets: tuple[int, ...], n: int) -> int | None:
+    """The smallest bucket >= n, or None when n exceeds them all."""
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+class PendingDecode:
+    """A launched decode step whose tokens have not been read yet (`ModelRunner.resolve`)."""
+
+    __slots__ = ("seqs", "handle", "graphed")
+
+    def __init__(self, seqs: list[Sequence], handle: int, graphed: bool):
+        self.seqs = seqs
+        self.handle = handle    # DecodeBuffers.start_output_copy's handle
+        self.graphed = graphed  # replayed from a captured graph (else run eagerly)
+
 
 class ModelRunner:
+    """Args beyond the model's: `cuda_graphs` captures the decode graphs now (CUDA only, kernels that never
+    synchronize: not with debug); `pad_decode` pads decode batches to their batch bucket even when they run
+    eagerly (default: on CUDA, so that graphs on and off run the same shapes and give the same bits)."""
+
     def __init__(self, config, weights: dict, backend: Backend, *, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int, debug: bool = False):
+                 num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int, debug: bool = False,
+                 cuda_graphs: bool = False, pad_decode: bool | None = None):
         self.config = config
         self.backend = backend
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        self.max_model_len = max_model_len
         self.model = LlamaModel(config, weights, backend, max_positions=max_model_len, validate=debug)
         self.kv_cache: KVCache = allocate_kv_cache(config, num_blocks, block_size, dtype, device)
         self.decode_buffers = DecodeBuffers(max_num_seqs, blocks_needed(max_model_len, block_size), device)
+        if backend.name != "torch":  # the kernels' split-KV scratch, once, for the largest batch and context
+            n = decode_workspace_numel(max_num_seqs, config.num_heads, config.head_dim, max_model_len)
+            self.decode_buffers.workspace = torch.empty(max(n, 1), dtype=torch.float32, device=device)
+        self.batch_buckets = decode_batch_buckets(max_num_seqs)
+        self.context_buckets = context_buckets(max_model_len)
+        self.pad_decode = device.type == "cuda" if pad_decode is None else pad_decode
+        self.graphs: dict[tuple[int, int], object] = {}  # (batch bucket, context bound) -> graph with .replay()
+        self.graph_capture_s: float | None = None     # seconds the capture took (None: no graphs)
+        self.graph_memory_bytes: int | None = None    # device memory the graphs took (pool + graph objects)
+        self.num_graph_replays = 0
+        self.num_eager_decodes = 0
+        if cuda_graphs:
+            self.capture_cuda_graphs()
 
+    # ------------------------------------------------------------------ prefill and the synchronous API
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, *, padded_size: int | None = None
             ) -> tuple[list[int], list[float]]:
-        """One forward pass over `seqs` (a prefill batch or a decode batch); returns, per sequence, the next
-        token id and its log-probability. `padded_size` pads a decode batch with rows that write no K/V and
-        attend to nothing (the shape a captured CUDA graph expects); their outputs are dropped."""
-        if is_prefill:
-            input_ids, meta = build_prefill(seqs, self.block_size, self.device)
-        else:
-            input_ids, meta = self.decode_buffers.fill(seqs, self.block_size, padded_size)
+        """One forward pass over `seqs` (a prefill batch or a decode batch), waited for; returns, per sequence,
+        the next token id and its log-probability. `padded_size` pads a decode batch (default: its bucket
+        when `pad_decode`)."""
+        if not is_prefill:
+            return self.resolve(self.launch_decode(seqs, padded_size=padded_size))
+        input_ids, meta = build_prefill(seqs, self.block_size, self.device)
         hidden = self.model(input_ids, meta, self.kv_cache)
         token_ids, logprobs = self.model.sample(hidden)
-        n = len(seqs)
-        return token_ids[:n].tolist(), logprobs[:n].tolist()
+        return token_ids.tolist(), logprobs.tolist()
+
+    # ------------------------------------------------------------------ decode
+    def decode_size(self, n: int) -> int:
+        """Rows a decode batch of n sequences runs with: its batch bucket when padding, else n."""
+        if not self.pad_decode:
+            return n
+        return bucket_for(self.batch_buckets, n) or n
+
+    @torch.inference_mode()
+    def launch_decode(self, seqs: list[Sequence], *, ids_on_device: bool = False, padded_size: int | None = None
+                      ) -> PendingDecode:
+        """Enqueue one decode step over `seqs` (row i feeds seqs[i]'s token at position num_tokens - 1) and the
+        copy of its outputs to the host; nothing waits for the device.
+
+        ids_on_device: the input ids are the previous step's argmax, still in the buffers: only valid when the
+        previous step ran exactly these sequences in this order (DecodeBuffers checks the rows).
+        """
+        size = self.decode_size(len(seqs)) if padded_size is None else padded_size
+        buf = self.decode_buffers
+        _, meta = buf.fill(seqs, self.block_size, size, ids_on_device=ids_on_device, defer_updates=True)
+        graph = self.graphs.get((size, bucket_for(self.context_buckets, meta.max_seq_len))) if self.graphs else None
+        if graph is not None:
+            graph.replay()
+            self.num_graph_replays += 1
+        else:
+            self._decode_step(size, meta)
+            self.num_eager_decodes += 1
+        return PendingDecode(seqs, buf.start_output_copy(), graph is not None)
+
+    def resolve(self, pending: PendingDecode) -> tuple[list[int], list[float]]:
+        """Wait for a launched step's outputs; its token ids and log-probabilities, one per sequence."""
+        return self.decode_buffers.read_outputs(pending.handle, len(pending.seqs))
+
+    def _decode_step(self, size: int, meta: AttentionMetadata) -> None:
+        """What a decode graph holds: the block-table updates, the forward pass, the LM head + argmax into
+        the static ids (the next step's inputs) and logprobs. Reads and writes only static buffers."""
+        buf = self.decode_buffers
+        buf.apply_block_updates()
+        hidden = self.model(buf.input_ids[:size], meta, self.kv_cache)
+        self.model.sample(hidden, out=(buf.input_ids[:size], buf.logprobs[:size]))
+
+    # ------------------------------------------------------------------ CUDA graphs
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Capture a decode graph per (batch bucket, context bound), largest first, in one memory pool; each
+        after one eager warm-up of the same step on the capture stream (Triton JIT, cuBLAS handles and
+        workspace). Sets `graphs`, `graph_capture_s`, `graph_memory_bytes` and logs them."""
+        if self.device.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need a CUDA device, not {self.device}")
+        buf = self.decode_buffers
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        gc.collect()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        stream = torch.cuda.Stream(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Every row padding (slot -1: no KV write; length 0: no attention) and no table update: the captured
+        # steps touch nothing but scratch.
+        buf.fill_padding()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.batch_buckets):
+                for bound in reversed(self.context_buckets):
+                    _, meta = buf.metadata(size, bound)
+                    self._decode_step(size, meta)  # warm-up
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                    try:
+                        self._decode_step(size, meta)
+                    finally:
+                        graph.capture_end()
+                    graphs[(size, bound)] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-ups' cached blocks; the graphs' pool stays
+        self.graphs = graphs
+        self.graph_capture_s = time.perf_counter() - t0
+        self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
+        logger.info("captured %d decode CUDA graphs (batch %s x context %s) in %.2f s, %.1f MiB",
+                    len(graphs), list(self.batch_buckets), list(self.context_buckets), self.graph_capture_s,
+                    self.graph_memory_bytes / 2**20)
+
+    def graph_summary(self) -> str:
+        """One line on the decode graphs (for logs and benchmark notes)."""
+        if not self.graphs:
+            return "CUDA graphs off"
+        return (f"{len(self.graphs)} CUDA graphs ({len(self.batch_buckets)} batch x {len(self.context_buckets)} "
+                f"context buckets) captured in {self.graph_capture_s:.2f} s, "
+                f"{self.graph_memory_bytes / 2**20:.0f} MiB")

@@ -31,11 +31,16 @@ class Sequence:
     The KV cache holds the first `num_cached_tokens` tokens (0 while waiting): after a prefill all but
     the newest token, whose KV is written when it is fed at the next decode step. Preemption frees the
     blocks and resets `num_cached_tokens`; the next prefill then recomputes prompt + generated tokens.
+
+    `num_pending` counts tokens a launched decode step is producing on the device that have not reached the
+    host yet (0, 1, or 2 while the engine runs one step ahead). They count in `num_tokens` (their KV slots
+    are reserved and the next step feeds them from the device) but not in `token_ids`, `num_output_tokens`
+    or `last_token_id`, which hold only tokens the host has seen.
     """
 
     __slots__ = (
         "request_id", "prompt", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
-        "num_cached_tokens", "logprobs", "finish_reason", "num_preemptions",
+        "num_cached_tokens", "num_pending", "logprobs", "finish_reason", "num_preemptions",
         "arrival_time", "token_times", "detokenizer", "text", "num_text_sent", "num_tokens_sent",
     )
 
@@ -49,6 +54,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
+        self.num_pending = 0
         self.logprobs: list[float] = []
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
@@ -61,10 +67,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the KV cache and the scheduler account for: those on the host plus the pending ones."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
+        """Generated tokens the host has seen (pending ones excluded)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
