@@ -258,6 +258,9 @@ class Engine:
         self._ids = itertools.count()
         self._pending: PendingDecode | None = None  # the launched decode step whose tokens are not read yet
         self._ready: list[RequestOutput] = []       # outputs made outside step() (a drain), for the next step()
+        # Decode steps launched; of them fed by the previous step's ids on the device; pending steps read before
+        # launching (drains); launched steps dropped and run again without a sequence that had just finished.
+        self.decode_stats = {"launched": 0, "continued": 0, "drained": 0, "rerun": 0}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
@@ -358,8 +361,12 @@ class Engine:
         requests' tokens of that step come with the next `step()`), as in the synchronous loop."""
         seq = self._requests.get(request_id)
         if seq is not None and self._pending is not None and any(s is seq for s in self._pending.seqs):
+            sent = seq.num_tokens_sent, seq.num_text_sent
             pending, self._pending = self._pending, None
             self._ready += self._resolve(pending)
+            if seq.finish_reason is None:  # its new token goes out with the final output below, not after it
+                self._ready = [o for o in self._ready if o.request_id != request_id]
+                seq.num_tokens_sent, seq.num_text_sent = sent
         seq = self._requests.pop(request_id, None)
         if seq is None:
             raise KeyError(f"abort: unknown request id {request_id!r} (never added, or already finished)")
@@ -392,6 +399,7 @@ class Engine:
         if pending is not None and not self._can_continue(pending):
             outputs += self._resolve(pending)
             pending = None
+            self.decode_stats["drained"] += 1
         step = self.scheduler.schedule()
         if step.empty and pending is None and self.scheduler.has_unfinished():  # add_request refuses what never fits
             raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
@@ -411,6 +419,7 @@ class Engine:
                     s.num_pending -= 1
                 survivors = [s for s in launched.seqs if s.finish_reason is None]
                 launched = self._launch(survivors, ids_on_device=False) if survivors else None
+                self.decode_stats["rerun"] += 1
         if launched is not None and not self.async_decode:
             outputs += self._resolve(launched)
             launched = None
@@ -435,6 +444,8 @@ class Engine:
 
     def _launch(self, seqs: list[Sequence], ids_on_device: bool) -> PendingDecode:
         pending = self.runner.launch_decode(seqs, ids_on_device=ids_on_device)
+        self.decode_stats["launched"] += 1
+        self.decode_stats["continued"] += ids_on_device
         for seq in seqs:
             seq.num_cached_tokens = seq.num_tokens  # the fed token's K/V is written by this step
             seq.num_pending += 1
