@@ -50,7 +50,7 @@ def test_generate_stream_and_stop(tiny, capsys):
     assert "12 tokens, finish: length" in plain.err and "torch backend, float32, cpu" in plain.err
     text = plain.out[:-1]  # the trailing newline
     assert len(text) >= 6
-    assert main(base + ["--stream", "--quiet"]) == 0
+    assert main(base + ["--stream", "--quiet", "--no-cuda-graphs"]) == 0  # (graphs are CUDA-only anyway)
     streamed = capsys.readouterr()
     assert streamed.out == plain.out and streamed.err == ""
     stop = text[3:6]
@@ -77,3 +77,4 @@ def test_parser_has_subcommands():
         parser.parse_args([])
     args = parser.parse_args(["generate", "x", "--backend", "torch", "--dtype", "float32", "--chat"])
     assert (args.command, args.prompt, args.backend, args.dtype, args.chat) == ("generate", "x", "torch", "float32", True)
+    assert args.cuda_graphs is True and parser.parse_args(["generate", "x", "--no-cuda-graphs"]).cuda_graphs is False

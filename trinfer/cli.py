@@ -2,7 +2,7 @@
 
     trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat] [--stream] [--stop S]
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
-                     [--device cpu|cuda]
+                     [--device cpu|cuda] [--no-cuda-graphs]
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
 
 Each command is a pair of functions: `_add_<command>(subparsers)` declares its arguments and
@@ -40,6 +40,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch's ops (default: torch's choice); 1 can be much faster for a small "
                         "model on a busy machine")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay the decode step from CUDA graphs captured at start-up (CUDA with the triton or cuda "
+                        "backend; default on); --no-cuda-graphs runs every step eagerly")
     p.add_argument("--quiet", action="store_true", help="no timings on stderr")
 
 
@@ -55,7 +58,7 @@ def _run_generate(args) -> int:
         torch.set_num_threads(args.threads)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
     llm = LLM(args.model, dtype=args.dtype, backend=args.backend, device=args.device, max_num_seqs=1,
-              block_size=args.block_size, num_kv_blocks=args.num_kv_blocks)
+              block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs)
 
     def stream(out):
         if out.delta_text:
@@ -73,7 +76,8 @@ def _run_generate(args) -> int:
         eng = llm.engine
         print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}; time to first token "
               f"{t.ttft * 1e3:.1f} ms; decode {f'{tps:.1f} tokens/s' if tps else 'n/a'}; {eng.backend_name} backend, "
-              f"{str(eng.dtype).removeprefix('torch.')}, {eng.device}]", file=sys.stderr)
+              f"{str(eng.dtype).removeprefix('torch.')}, {eng.device}"
+              f"{'; ' + eng.runner.graph_summary() if eng.device.type == 'cuda' else ''}]", file=sys.stderr)
     return 0
 
 
