@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--top", type=int, default=15, help="kernels listed per phase (15)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode steps replayed from CUDA graphs (default on; CUDA with triton/cuda backends)")
 
 
 def _validate(args) -> None:
@@ -69,7 +71,7 @@ def _engine(args):
     max_len = args.context + max(args.steps, args.warmup_steps) + 2
     blocks = args.batch * (blocks_needed(max_len, 16) + 1) + 8
     kw = dict(device=device, backend=args.backend, max_num_seqs=args.batch, num_kv_blocks=blocks,
-              max_num_batched_tokens=args.batch * max_len)
+              max_num_batched_tokens=args.batch * max_len, cuda_graphs=getattr(args, "cuda_graphs", True))
     shape, note = args.shape, None
     if args.model is None and shape is None:
         from trinfer.runtime.default_model import default_model_path
@@ -195,14 +197,19 @@ def run(args) -> dict[str, Any]:
     if len(outs) != len(ids):
         notes.append(f"the first step prefilled {len(outs)} of {len(ids)} sequences (KV cache or token limits)")
     step_times: list[float] = []
+    replays0 = engine.runner.num_graph_replays
+    # Decode as the engine serves: no sync between steps (each step() launches the next step before it waits
+    # for the previous one's tokens), one at the end; a step's wall time is then its time per token.
     with profile(activities=activities) as prof_decode:
+        t_decode = time.perf_counter()
         for _ in range(args.steps):
             if not engine.has_unfinished():
                 break
             t0 = time.perf_counter()
             engine.step()
-            _sync(device)
             step_times.append(time.perf_counter() - t0)
+        _sync(device)
+        t_decode = time.perf_counter() - t_decode
     for _ in engine.run_until_done():  # anything left (should be nothing)
         pass
     n_steps = len(step_times)
@@ -214,7 +221,8 @@ def run(args) -> dict[str, Any]:
 
     step_us = [t * 1e6 for t in step_times]
     med = _quantile(step_us, 0.5)
-    mean_step = sum(step_us) / n_steps if n_steps else None
+    mean_step = t_decode * 1e6 / n_steps if n_steps else None
+    runner = engine.runner
     summary = {
         "schema": "trinfer-profile/1",
         "source": source,
@@ -228,7 +236,7 @@ def run(args) -> dict[str, Any]:
         "decode_step_ms": {"median": med / 1e3 if med is not None else None,
                            "p90": (_quantile(step_us, 0.9) or 0) / 1e3 if step_us else None,
                            "mean": mean_step / 1e3 if mean_step else None},
-        "tokens_per_s": args.batch * n_steps / sum(step_times) if step_times else None,
+        "tokens_per_s": args.batch * n_steps / t_decode if step_times else None,
         # Device busy (kernels' union) against wall time: the rest is host overhead (Python, launches, syncs).
         "prefill": {"wall_us": t_prefill * 1e6, "busy_us": prefill_busy,
                     "host_overhead_pct": 100.0 * max(0.0, 1 - prefill_busy / (t_prefill * 1e6)) if on_gpu else None,
@@ -237,6 +245,11 @@ def run(args) -> dict[str, Any]:
                             "host_overhead_pct": (100.0 * max(0.0, 1 - decode_busy / mean_step)
                                                   if on_gpu and mean_step else None),
                             "kernels": decode_rows},
+        "cuda_graphs": runner.graph_summary() if on_gpu else None,
+        "graph_capture_s": runner.graph_capture_s,
+        "graph_memory_mib": runner.graph_memory_bytes / 2**20 if runner.graph_memory_bytes is not None else None,
+        "decode_graph_replays": runner.num_graph_replays - replays0,
+        "decode_stats": dict(engine.decode_stats),
         "traces": [str(trace_prefill), str(trace_decode)],
         "notes": notes,
     }
@@ -252,6 +265,8 @@ def report(summary: dict[str, Any], top: int = 15) -> str:
              f"batch {s['batch']}, context {s['context']}, {s['steps']} decode steps"]
     for note in s["notes"]:
         lines.append(f"NOTE: {note}")
+    if s.get("cuda_graphs"):
+        lines.append(f"{s['cuda_graphs']}; {s['decode_graph_replays']} of {s['steps']} decode steps replayed")
     med, p90 = s["decode_step_ms"]["median"], s["decode_step_ms"]["p90"]
     tps = s["tokens_per_s"]
     lines.append(f"time to first token {s['ttft_ms']:.2f} ms; per-token latency median "
