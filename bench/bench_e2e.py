@@ -4,7 +4,9 @@ Models of real shapes (Llama-3.2-1B, Llama-3-8B; bf16) are made on the GPU in a 
 (`trinfer.runtime.random_model`): no checkpoint is written or read. transformers runs on the very same
 tensors (views of trinfer's fused weights). For each shape, batch and prompt length, three systems:
 
-    trinfer       LLM/Engine, Triton backend (the torch backend on a CPU), greedy, EOS ignored
+    trinfer       LLM/Engine, Triton backend (the torch backend on a CPU), greedy, EOS ignored; on CUDA the
+                  decode steps replay CUDA graphs captured when the engine is built (--no-cuda-graphs: eager),
+                  the capture's time and memory go in the row's note
     hf_eager      transformers `generate` (greedy, dynamic cache, sdpa attention), eager
     hf_compile    transformers `generate` with a static cache, which compiles the decode step with
                   torch.compile(mode="reduce-overhead", fullgraph=True): the gpt-fast recipe
@@ -104,7 +106,7 @@ class _Shape:
     """One random model, its trinfer engine and its transformers twin, made once per shape."""
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype, max_batch: int, max_len: int,
-                 backend: str):
+                 backend: str, cuda_graphs: bool = True):
         from trinfer.runtime import Engine
         from trinfer.runtime.block_manager import blocks_needed
         from trinfer.runtime.random_model import hf_config_dict, random_model, weight_bytes
@@ -120,8 +122,8 @@ class _Shape:
         blocks = max_batch * (blocks_needed(max_len, 16) + 1) + 16
         self.engine = Engine(self.loaded, device=device, backend=backend, max_num_seqs=max_batch,
                              num_kv_blocks=blocks, max_model_len=max_len + 8,
-                             max_num_batched_tokens=max_batch * max_len)
-        self.build_s = time.perf_counter() - t0
+                             max_num_batched_tokens=max_batch * max_len, cuda_graphs=cuda_graphs)
+        self.build_s = time.perf_counter() - t0  # CUDA-graph capture included (runner.graph_capture_s)
         self._hf = None
 
     def hf(self):
@@ -288,6 +290,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--backend", choices=("triton", "torch"), default=None,
                    help="trinfer's kernels (default: triton on CUDA, torch on the CPU)")
     p.add_argument("--budget-s", type=float, default=None, help="start nothing new after this many seconds")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="trinfer decodes eagerly (no CUDA graphs)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     t_start = time.monotonic()
@@ -365,9 +368,9 @@ def main(argv=None) -> dict[str, Any]:
                     try:
                         if shape_name not in shapes:
                             shapes[shape_name] = _Shape(shape_name, device, dtype, max(plan["batches"]), max_len,
-                                                        backend)
-                            print(f"[e2e] {shape_name}: random model + engine in {shapes[shape_name].build_s:.1f} s",
-                                  flush=True)
+                                                        backend, cuda_graphs=not args.no_cuda_graphs)
+                            print(f"[e2e] {shape_name}: random model + engine in {shapes[shape_name].build_s:.1f} s "
+                                  f"({shapes[shape_name].engine.runner.graph_summary()})", flush=True)
                         sh = shapes[shape_name]
                         prompts = _prompts(sh.config.vocab_size, batch, plen, seed=batch * 100003 + plen)
                         nbytes = step_bytes(sh.config, sh.weight_bytes, batch, plen + plan["new"] / 2, elem)
@@ -375,7 +378,10 @@ def main(argv=None) -> dict[str, Any]:
                         if system == "trinfer":
                             run_trinfer(sh, prompts, min(plan["new"], 4))  # warm-up: JIT for these shapes
                             tokens, ttft, times = run_trinfer(sh, prompts, plan["new"])
-                            note = f"{sh.engine.backend_name} backend"
+                            r = sh.engine.runner
+                            note = f"{sh.engine.backend_name} backend; " + (
+                                f"CUDA graphs ({len(r.graphs)} captured in {r.graph_capture_s:.1f} s, "
+                                f"{r.graph_memory_bytes / 2**20:.0f} MiB)" if r.graphs else "no CUDA graphs")
                         else:
                             compiled = system == "hf_compile"
                             run_hf(sh, prompts, plan["new"] if compiled else min(plan["new"], 4), compiled)
