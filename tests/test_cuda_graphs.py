@@ -145,6 +145,8 @@ def test_decode_buffers_errors_and_steady_state():
     a.append_token(3, 0.0, 0.0)
     with pytest.raises(ValueError, match="has no KV block"):
         buf.fill([a, b], 4)
+    bm.append(a)  # after an error every row is sent again: the buffers stay right
+    _check(buf, *buf.fill([a, b], 4), [a, b], 2, 4)
     c = _seq(2, 13)
     c.block_table = [0, 1, 2, 3]
     with pytest.raises(ValueError, match="more than the 3 per sequence"):

@@ -224,6 +224,19 @@ class DecodeBuffers:
         (the model runner runs it inside the captured step); else they are applied here.
         Returns `metadata(size, longest sequence)`.
         """
+        try:
+            return self._fill(seqs, block_size, padded_size, ids_on_device, defer_updates)
+        except BaseException:
+            self.forget_rows()  # the host mirror may be ahead of the device: rewrite every row next time
+            raise
+
+    def forget_rows(self) -> None:
+        """Treat every row as new at the next `fill` (after an error, or a step whose deferred updates never
+        ran): its block-table row is then sent in full."""
+        self._row_seq = [None] * self.max_num_seqs
+        self._row_bt = [None] * self.max_num_seqs
+
+    def _fill(self, seqs, block_size, padded_size, ids_on_device, defer_updates):
         n = len(seqs)
         size = n if padded_size is None else padded_size
         m, w = self.max_num_seqs, self.max_blocks_per_seq

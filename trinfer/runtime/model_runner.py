@@ -140,12 +140,16 @@ class ModelRunner:
         buf = self.decode_buffers
         _, meta = buf.fill(seqs, self.block_size, size, ids_on_device=ids_on_device, defer_updates=True)
         graph = self.graphs.get((size, bucket_for(self.context_buckets, meta.max_seq_len))) if self.graphs else None
-        if graph is not None:
-            graph.replay()
-            self.num_graph_replays += 1
-        else:
-            self._decode_step(size, meta)
-            self.num_eager_decodes += 1
+        try:
+            if graph is not None:
+                graph.replay()
+                self.num_graph_replays += 1
+            else:
+                self._decode_step(size, meta)
+                self.num_eager_decodes += 1
+        except BaseException:
+            buf.forget_rows()  # the step's block-table updates may not have run
+            raise
         return PendingDecode(seqs, buf.start_output_copy(), graph is not None)
 
     def resolve(self, pending: PendingDecode) -> tuple[list[int], list[float]]:
