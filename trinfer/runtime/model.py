@@ -2,9 +2,10 @@
 
 Matrix products are torch (`F.linear`) on fused weights: one q/k/v matrix (plus bias for Qwen2) and one
 gate/up matrix per layer. Everything else goes through a `Backend`: the Triton kernels of
-`trinfer.triton_kernels`, or their PyTorch references (the CPU default and the oracle for the kernels), or
-the Triton kernels with some kernel families on the CUDA C++ kernels of `trinfer.cuda_kernels`
-(`get_backend` / `parse_backend` give the choices).
+`trinfer.triton_kernels`, or their PyTorch references (the CPU default and the oracle for the kernels; run
+through `torch_backend.py`, which takes leaner equal paths in fp32 and stores the CPU's fp32 matrices in the
+layout its BLAS runs fastest), or the Triton kernels with some kernel families on the CUDA C++ kernels of
+`trinfer.cuda_kernels` (`get_backend` / `parse_backend` give the choices).
 
 A forward pass takes a flat batch of T tokens (a prefill batch: each sequence's uncached tokens one after
 another; or a decode batch: one token per sequence) with its `AttentionMetadata`, writes their K/V into
@@ -55,14 +56,8 @@ class Backend:
     build_rope_cache: Callable
     cuda_families: tuple[str, ...] = ()  # the families run by trinfer.cuda_kernels (the rest: name's kernels)
     check_head_dim: Callable[[int], None] = lambda head_dim: None  # ValueError if the kernels cannot run it
-
-
-def _ignoring_keywords(fn: Callable) -> Callable:
-    def call(*args, **_kwargs):
-        return fn(*args)
-
-    call.__name__ = call.__qualname__ = fn.__name__
-    return call
+    # A weight matrix in the layout this backend's matrix products run fastest (same values and shape).
+    prepare_matrix: Callable[[torch.Tensor], torch.Tensor] = lambda w: w
 
 
 def parse_backend(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -140,6 +135,8 @@ def get_backend(name: str) -> Backend:
     if name == "torch":
         from trinfer.triton_kernels import references as R
 
+        from . import torch_backend as T  # the references, leaner on the hot path (see that module)
+
         def lm_head_greedy(hidden, weight, return_logprobs=False, out=None):  # torch's matmul, then the argmax
             res = R.greedy_sample_ref(F.linear(hidden, weight), return_logprobs)
             if out is None:
@@ -148,10 +145,9 @@ def get_backend(name: str) -> Backend:
                 o.copy_(r)
             return out
 
-        return Backend("torch", R.rms_norm_ref, R.fused_add_rms_norm_ref,
-                       _ignoring_keywords(R.rotary_write_kv_cache_ref), R.silu_and_mul_ref,
-                       _ignoring_keywords(R.paged_prefill_attention_ref),
-                       _ignoring_keywords(R.paged_decode_attention_ref), lm_head_greedy, K.build_rope_cache)
+        return Backend("torch", T.rms_norm, T.fused_add_rms_norm, T.rotary_write_kv_cache, T.silu_and_mul,
+                       T.paged_prefill_attention, T.paged_decode_attention, lm_head_greedy, K.build_rope_cache,
+                       prepare_matrix=T.prepare_matrix)
     # The fused LM head + argmax: the logits never go to memory.
     triton = Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
                      K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache,
@@ -188,14 +184,16 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
         qkv_rows = self.q_size + 2 * self.kv_size
+        mat = backend.prepare_matrix
         self.register_buffer("input_norm", _weight(weights, p + "input_norm", (c.hidden_size,)))
-        self.register_buffer("qkv_proj", _weight(weights, p + "qkv_proj", (qkv_rows, c.hidden_size)))
+        self.register_buffer("qkv_proj", mat(_weight(weights, p + "qkv_proj", (qkv_rows, c.hidden_size))))
         self.register_buffer("qkv_bias", _weight(weights, p + "qkv_bias", (qkv_rows,)) if c.qkv_bias else None)
-        self.register_buffer("o_proj", _weight(weights, p + "o_proj", (c.hidden_size, self.q_size)))
+        self.register_buffer("o_proj", mat(_weight(weights, p + "o_proj", (c.hidden_size, self.q_size))))
         self.register_buffer("post_attn_norm", _weight(weights, p + "post_attn_norm", (c.hidden_size,)))
         self.register_buffer("gate_up_proj",
-                             _weight(weights, p + "gate_up_proj", (2 * c.intermediate_size, c.hidden_size)))
-        self.register_buffer("down_proj", _weight(weights, p + "down_proj", (c.hidden_size, c.intermediate_size)))
+                             mat(_weight(weights, p + "gate_up_proj", (2 * c.intermediate_size, c.hidden_size))))
+        self.register_buffer("down_proj",
+                             mat(_weight(weights, p + "down_proj", (c.hidden_size, c.intermediate_size))))
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor, validate: bool):
@@ -249,10 +247,11 @@ class LlamaModel(nn.Module):
         self.register_buffer("embed_tokens", _weight(weights, "embed_tokens", (c.vocab_size, c.hidden_size)))
         self.layers = nn.ModuleList(DecoderLayer(c, weights, i, backend) for i in range(c.num_layers))
         self.register_buffer("norm", _weight(weights, "norm", (c.hidden_size,)))
-        if c.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
+        if c.tie_word_embeddings:  # the embedding itself, or its copy in the backend's matrix layout
+            self.lm_head = backend.prepare_matrix(self.embed_tokens)
         else:
-            self.register_buffer("lm_head", _weight(weights, "lm_head", (c.vocab_size, c.hidden_size)))
+            self.register_buffer("lm_head", backend.prepare_matrix(
+                _weight(weights, "lm_head", (c.vocab_size, c.hidden_size))))
         self.register_buffer("rope", backend.build_rope_cache(
             c.head_dim, max_positions or c.max_position_embeddings, c.rope_theta, c.rope_scaling,
             device=self.embed_tokens.device))

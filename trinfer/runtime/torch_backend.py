@@ -1,0 +1,180 @@
+"""The `torch` backend's operations: the kernels' PyTorch references, with leaner equivalents on the hot path.
+
+The references (`trinfer.triton_kernels.references`) are written for clarity: every cast Hugging Face makes,
+a Python loop over sequences, a gather per sequence. On a CPU each PyTorch call costs microseconds of dispatch,
+and a decode step of a small model (SmolLM2-135M: 30 layers) is mostly such calls besides its matrix products,
+so the `torch` backend runs these instead where they apply:
+
+    rms_norm, fused_add_rms_norm, silu_and_mul, rotary_write_kv_cache
+        fp32 inputs: the reference's arithmetic without its casts (no-ops in fp32) and with fewer
+        temporaries; the same operations in the same order, so the results are bit for bit the
+        reference's. Other dtypes: the reference itself.
+    paged_decode_attention
+        every sequence at once: one gather of the block tables' K/V, GQA by viewing the query heads as
+        [kv_heads, group] (no repeat_interleave), the causal mask only when lengths differ; fp32 math as
+        in the reference (scores * scale, softmax, weighted sum). Equal to the reference up to the
+        summation order of the matrix products (tests/test_torch_backend.py).
+    prepare_matrix
+        fp32 weight matrices on the CPU whose output dim is at least their input dim (q/k/v, o_proj,
+        gate/up, the LM head) stored column-major: the same `[out, in]` tensor with transposed strides,
+        so `F.linear` hands MKL a non-transposed operand. Measured on an AMD EPYC (AVX-512, MKL 2024.2,
+        weights streaming from memory, one row: a decode step of one sequence), interleaved, medians:
+        SmolLM2-135M's q/k/v 1.4x, gate/up 1.8x, LM head 1.85x, o_proj 1.1x faster; its down_proj
+        (out < in) 0.8x, so it stays row-major. For 4-8 rows the column-major products are ~10% slower;
+        prefill-sized products are the same. Other dtypes (fp16 on the CPU is 10x slower column-major),
+        devices and BLAS libraries keep the row-major layout.
+
+paged_prefill_attention and the LM head's argmax are the references (a prefill is one call per layer).
+Every function takes the kernels' signature and ignores their launch/validation keywords.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trinfer.triton_kernels import references as R
+
+__all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_write_kv_cache", "paged_prefill_attention",
+           "paged_decode_attention", "prepare_matrix"]
+
+_F32 = torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, **_kwargs) -> torch.Tensor:
+    """`rms_norm_ref`: `weight * (x * rsqrt(mean(x^2) + eps))`."""
+    if x.dtype != _F32 or weight.dtype != _F32:
+        return R.rms_norm_ref(x, weight, eps)
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+    return h.mul_(weight)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                       **_kwargs) -> torch.Tensor:
+    """`fused_add_rms_norm_ref`: `residual += x` in place, then `rms_norm(residual)`."""
+    if x.dtype != _F32 or residual.dtype != _F32 or weight.dtype != _F32:
+        return R.fused_add_rms_norm_ref(x, residual, weight, eps)
+    return rms_norm(residual.add_(x), weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor, **_kwargs) -> torch.Tensor:
+    """`silu_and_mul_ref`: `silu(gate) * up` for x = [gate | up]."""
+    if x.dtype != _F32:
+        return R.silu_and_mul_ref(x)
+    gate, up = x.split(x.shape[-1] // 2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x `[T, H, D]` fp32 in place: `[x1 * cos - x2 * sin, x2 * cos + x1 * sin]` (the reference's
+    `x1 * cos + (-x2) * sin`: negating a factor or subtracting instead of adding a negated term is exact)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    o1 = (x1 * cos).sub_(x2 * sin)
+    x2.mul_(cos).add_(x1 * sin)
+    x1.copy_(o1)
+
+
+def rotary_write_kv_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, **_kwargs):
+    """`rotary_write_kv_cache_ref`: rotate q and k in place, then store k and v at their slots (-1: skipped)."""
+    if q.dtype != _F32 or k.dtype != _F32 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return R.rotary_write_kv_cache_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    half = q.shape[-1] // 2
+    rows = cos_sin_cache.index_select(0, positions)[:, None, :]  # [T, 1, D] fp32: cos | sin
+    cos, sin = rows[..., :half], rows[..., half:]
+    _rotate_(q, cos, sin)
+    _rotate_(k, cos, sin)
+    slots = slot_mapping
+    if slots.numel() and int(slots.min()) < 0:  # padding rows write nothing
+        keep = (slots >= 0).nonzero().squeeze(1)
+        slots, k, v = slots[keep], k[keep], v[keep]
+    heads, dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, heads, dim).index_copy_(0, slots, k)
+    v_cache.view(-1, heads, dim).index_copy_(0, slots, v)
+    return q, k
+
+
+def _tokens(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n cached tokens of one sequence, `[n, kv_heads, head_dim]`: a view of the cache when its blocks
+    are consecutive (as a lone sequence's usually are), else a gather through its block-table row."""
+    block_size, heads, dim = cache.shape[1:]
+    nb = -(-n // block_size)
+    blocks = table_row[:nb].tolist()
+    first = blocks[0]
+    if cache.is_contiguous() and blocks == list(range(first, first + nb)):
+        return cache.view(-1, heads, dim)[first * block_size: first * block_size + n]
+    return cache[table_row[:nb].long()].view(nb * block_size, heads, dim)[:n]
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
+                            scale: float, **_kwargs) -> torch.Tensor:
+    """`paged_prefill_attention_ref` with torch's `scaled_dot_product_attention` (fp32) per sequence: query i of a
+    sequence sits at position `kv_len - q_len + i` and sees keys 0 .. that position. Returns `[T, q_heads, D]` in
+    q's dtype."""
+    out = torch.zeros(q.shape, dtype=_F32, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for s, kv_len in enumerate(kv_lens.tolist()):
+        q0, q1 = cu[s], cu[s + 1]
+        m = q1 - q0
+        if m == 0:
+            continue
+        k = _tokens(k_cache, block_tables[s], kv_len).transpose(0, 1)[None].float()  # [1, Hkv, kv_len, D]
+        v = _tokens(v_cache, block_tables[s], kv_len).transpose(0, 1)[None].float()
+        qs = q[q0:q1].transpose(0, 1)[None].float()  # [1, Hq, m, D]
+        if m == kv_len:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            visible = (torch.arange(kv_len, device=q.device)[None, :]
+                       <= (kv_len - m + torch.arange(m, device=q.device))[:, None])
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out.to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, **_kwargs) -> torch.Tensor:
+    """`paged_decode_attention_ref` for the whole batch at once: q `[B, q_heads, D]` attends to the first
+    `seq_lens[b]` cached tokens of its sequence; a length of 0 gives zeros. Returns `[B, q_heads, D]` in q's
+    dtype; fp32 math."""
+    batch, q_heads, dim = q.shape
+    lens = seq_lens.tolist()  # host values: which tokens to read and whether a mask is needed
+    n = max(lens, default=0)
+    if n == 0:
+        return torch.zeros_like(q)
+    kv_heads = k_cache.shape[2]
+    ragged = any(length != n for length in lens)
+    if batch == 1:
+        k = _tokens(k_cache, block_tables[0], n)[None]  # [1, n, Hkv, D]
+        v = _tokens(v_cache, block_tables[0], n)[None]
+    else:  # one gather of the first n tokens' blocks of every sequence
+        block_size = k_cache.shape[1]
+        nb = -(-n // block_size)
+        table = block_tables[:, :nb]
+        if ragged:  # table entries past a sequence's own blocks may hold anything: read block 0 there instead
+            owned = torch.arange(nb, device=q.device)[None, :] * block_size < seq_lens[:, None]
+            table = torch.where(owned, table, 0)
+        table = table.long()
+        k = k_cache[table].view(batch, nb * block_size, kv_heads, dim)[:, :n]
+        v = v_cache[table].view(batch, nb * block_size, kv_heads, dim)[:, :n]
+    if ragged:
+        visible = torch.arange(n, device=q.device)[None, :] < seq_lens[:, None]  # [B, n]
+        v = v.masked_fill(~visible[:, :, None, None], 0.0)  # slots past a sequence's end: no 0 * inf = NaN
+    k, v = k.transpose(1, 2).float(), v.transpose(1, 2).float()  # [B, Hkv, n, D]
+    qg = q.float().view(batch, kv_heads, q_heads // kv_heads, dim)  # query head h reads KV head h // group
+    scores = torch.matmul(qg, k.transpose(2, 3)).mul_(scale)  # [B, Hkv, group, n]
+    if ragged:
+        scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if 0 in lens:
+        probs = probs.nan_to_num_(0.0)  # no key visible: zeros, as the reference
+    return torch.matmul(probs, v).view(batch, q_heads, dim).to(q.dtype)
+
+
+def prepare_matrix(w: torch.Tensor) -> torch.Tensor:
+    """A weight matrix `[out, in]` in the layout the CPU's BLAS multiplies one row by fastest: with MKL, fp32
+    on the CPU with out >= in is stored column-major (a copy: the same values, shape and dtype; only the
+    strides differ); anything else is returned as it is."""
+    if (w.device.type != "cpu" or w.dtype != _F32 or w.dim() != 2 or w.shape[0] < w.shape[1]
+            or not torch.backends.mkl.is_available()):
+        return w
+    return w.t().contiguous().t()
