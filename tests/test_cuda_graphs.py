@@ -337,6 +337,66 @@ def test_no_graphs_without_cuda(loaded):
         eng.runner.capture_cuda_graphs()
 
 
+def test_capture_logic_with_torch_cuda_stood_in(monkeypatch, caplog):
+    """capture_cuda_graphs' own Python (order, pool, warm-up before each capture, padding, the reported time and
+    memory, the log line), with the torch.cuda calls it makes replaced by recorders: code that otherwise runs
+    only on a GPU."""
+    import contextlib
+    import types
+
+    tiny = random_model("tiny", device="cpu", dtype=torch.float32, seed=1)
+    eng = Engine(tiny, backend="torch", block_size=16, max_model_len=1100, max_num_seqs=5)
+    runner = eng.runner
+    events, free = [], [10 << 30]
+
+    class Graph:
+        def capture_begin(self, pool=None, capture_error_mode="global"):
+            events.append(("begin", pool, capture_error_mode))
+
+        def capture_end(self):
+            events.append(("end",))
+
+        def replay(self):
+            raise AssertionError("not replayed here")
+
+    class Stream:
+        def wait_stream(self, other):
+            events.append(("wait",))
+
+    def mem_get_info(device=None):
+        free[0] -= 3 << 20  # each call: 3 MiB less free
+        return free[0], 80 << 30
+
+    for name, value in dict(CUDAGraph=Graph, Stream=lambda device=None: Stream(), graph_pool_handle=lambda: "pool",
+                            stream=lambda s: contextlib.nullcontext(), synchronize=lambda device=None: None,
+                            current_stream=lambda device=None: Stream(), empty_cache=lambda: None,
+                            mem_get_info=mem_get_info).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    real_step = runner._decode_step
+
+    def step(size, meta):
+        assert meta.positions.tolist() == [0] * size and meta.slot_mapping.tolist() == [-1] * size
+        assert meta.seq_lens.tolist() == [0] * size  # all padding: the captured steps write no KV
+        events.append(("step", size, meta.max_seq_len))
+        real_step(size, meta)
+
+    monkeypatch.setattr(runner, "_decode_step", step)
+    monkeypatch.setattr(runner, "device", types.SimpleNamespace(type="cuda"))
+    with caplog.at_level(logging.INFO, logger="trinfer.runtime.model_runner"):
+        runner.capture_cuda_graphs()
+    order = [(b, c) for b in (5, 4, 2, 1) for c in (1100, 1024, 256)]
+    assert runner.batch_buckets == (1, 2, 4, 5) and runner.context_buckets == (256, 1024, 1100)
+    assert list(runner.graphs) == order  # largest first
+    per_graph = [e for e in events if e[0] in ("step", "begin", "end")]
+    expected = []
+    for b, c in order:  # a warm-up, then the capture of the same step, all in one pool
+        expected += [("step", b, c), ("begin", "pool", "thread_local"), ("step", b, c), ("end",)]
+    assert per_graph == expected
+    assert runner.graph_capture_s > 0 and runner.graph_memory_bytes == 3 << 20
+    assert "captured 12 decode CUDA graphs (batch [1, 2, 4, 5] x context [256, 1024, 1100])" in caplog.text
+    assert "12 CUDA graphs (4 batch x 3 context buckets) captured in" in runner.graph_summary()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU: real capture and replay
 

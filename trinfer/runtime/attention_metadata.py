@@ -311,7 +311,7 @@ class DecodeBuffers:
         views[0].copy_(views[1], non_blocking=True)
         self._staging_used[k] = True
         if self._staging_events[k] is not None:
-            self._staging_events[k].record()
+            self._staging_events[k].record(torch.cuda.current_stream(self.device))
         if bulk:  # a batch change rewrote many rows: scatter them now, outside the (fixed-size) update region
             idx = torch.from_numpy(np.array(upd_idx, dtype=np.int64))
             val = torch.from_numpy(np.array(upd_val, dtype=np.int32))
@@ -337,7 +337,7 @@ class DecodeBuffers:
         self._next_out ^= 1
         self._out_host[k].copy_(self.packed[: self._pos], non_blocking=True)
         if self._out_events[k] is not None:
-            self._out_events[k].record()
+            self._out_events[k].record(torch.cuda.current_stream(self.device))
         return k
 
     def read_outputs(self, handle: int, n: int) -> tuple[list[int], list[float]]:
