@@ -330,6 +330,61 @@ def test_graph_shaped_replays_on_triton_kernels_with_a_wide_grid():
     assert r1.decode_buffers.workspace is not None  # the kernels' static split scratch
 
 
+def test_decode_step_runs_the_fused_ops():
+    """What one decode step calls, per layer: an RMSNorm fused with the residual add (a plain one in the first
+    layer), one q/k/v matmul, rotary + K/V write in one op, one decode attention on the static workspace,
+    o_proj, a fused add + RMSNorm, one gate/up matmul, SiLU-and-mul, down; then the final fused norm and the
+    fused LM head + argmax writing into the static ids: no other op, no separate sampling."""
+    import collections
+    import dataclasses
+
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    tiny = random_model("tiny", device="cpu", dtype=torch.float32, seed=1)
+    eng = Engine(tiny, backend="torch", block_size=16, max_num_seqs=2)
+    runner, buf = eng.runner, eng.runner.decode_buffers
+    buf.workspace = torch.empty(1)  # (the torch references need none; the Triton/CUDA kernels get it)
+    calls = collections.Counter()
+    seen = {}
+
+    def counting(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            seen.setdefault(name, kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    ops = runner.model.ops
+    names = [f.name for f in dataclasses.fields(ops) if f.name not in ("name", "cuda_families", "check_head_dim",
+                                                                       "build_rope_cache")]
+    counted = dataclasses.replace(ops, **{n: counting(n, getattr(ops, n)) for n in names})
+    runner.model.ops = counted
+    for layer in runner.model.layers:
+        layer.ops = counted
+
+    class Linears(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Linears.n += func is F.linear
+            return func(*args, **(kwargs or {}))
+
+    eng.add_request([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+    eng.step()  # the prefill
+    calls.clear()
+    seen.clear()
+    step = eng.scheduler.schedule()
+    with Linears():
+        runner.run(step.decode, False)
+    n_layers = tiny.config.num_layers
+    assert dict(calls) == {"rms_norm": 1, "fused_add_rms_norm": 2 * n_layers, "rotary_write_kv_cache": n_layers,
+                           "paged_decode_attention": n_layers, "silu_and_mul": n_layers, "lm_head_greedy": 1}
+    assert Linears.n == 4 * n_layers + 1  # qkv, o, gate_up, down; + the torch backend's LM-head matmul
+    assert seen["paged_decode_attention"]["workspace"] is buf.workspace
+    assert seen["lm_head_greedy"]["out"][0].data_ptr() == buf.input_ids.data_ptr()
+
+
 def test_no_graphs_without_cuda(loaded):
     eng = Engine(loaded, backend="torch", cuda_graphs=True)
     assert not eng.cuda_graphs and not eng.runner.graphs and eng.runner.graph_capture_s is None
