@@ -436,9 +436,10 @@ class Engine:
         for running, seq in zip(sched.running, pending.seqs):
             if running is not seq:
                 return False
-            if seq.num_output_tokens + seq.num_pending >= seq.params.max_new_tokens or seq.num_tokens >= max_len:
+            n = len(seq.token_ids) + seq.num_pending  # seq.num_tokens, inlined (per sequence, per step)
+            if n - seq.num_prompt_tokens >= seq.params.max_new_tokens or n >= max_len:
                 return False  # its pending token ends it (length or context)
-            if len(seq.block_table) * bs < seq.num_tokens:
+            if len(seq.block_table) * bs < n:
                 need += 1
         return need <= sched.block_manager.num_free_blocks  # no preemption
 
@@ -447,7 +448,7 @@ class Engine:
         self.decode_stats["launched"] += 1
         self.decode_stats["continued"] += ids_on_device
         for seq in seqs:
-            seq.num_cached_tokens = seq.num_tokens  # the fed token's K/V is written by this step
+            seq.num_cached_tokens = len(seq.token_ids) + seq.num_pending  # the fed token's K/V is written now
             seq.num_pending += 1
         return pending
 
