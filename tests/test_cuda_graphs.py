@@ -451,6 +451,14 @@ def test_capture_logic_with_torch_cuda_stood_in(monkeypatch, caplog):
     assert "captured 12 decode CUDA graphs (batch [1, 2, 4, 5] x context [256, 1024, 1100])" in caplog.text
     assert "12 CUDA graphs (4 batch x 3 context buckets) captured in" in runner.graph_summary()
 
+    class FailingGraph(Graph):
+        def capture_begin(self, pool=None, capture_error_mode="global"):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FailingGraph)
+    with pytest.raises(RuntimeError, match=r"batch 5, context bound 1100\): operation not permitted.*cuda_graphs=False"):
+        runner.capture_cuda_graphs()
+
 
 # ---------------------------------------------------------------------------------------------------------
 # GPU: real capture and replay

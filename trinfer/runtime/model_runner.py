@@ -190,11 +190,16 @@ class ModelRunner:
                     _, meta = buf.metadata(size, bound)
                     self._decode_step(size, meta)  # warm-up
                     graph = torch.cuda.CUDAGraph()
-                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                     try:
-                        self._decode_step(size, meta)
-                    finally:
-                        graph.capture_end()
+                        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                        try:
+                            self._decode_step(size, meta)
+                        finally:
+                            graph.capture_end()
+                    except Exception as e:
+                        raise RuntimeError(f"CUDA graph capture of the decode step failed (batch {size}, context "
+                                           f"bound {bound}): {e}; cuda_graphs=False (--no-cuda-graphs) decodes "
+                                           f"eagerly") from e
                     graphs[(size, bound)] = graph
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
