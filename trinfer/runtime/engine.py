@@ -5,6 +5,10 @@ A step is schedule -> run -> postprocess:
     run          the model runner runs each batch (separate passes) and returns one token per sequence
     postprocess  append tokens, detokenize incrementally, check the stops, free finished sequences' blocks
 
+Decode runs one step ahead (`async_decode`, on by default): step k+1 is launched (its input ids are step k's
+argmax, still on the device; on CUDA a graph replay) before step k's tokens are read back, so the host's
+postprocessing overlaps the device's next step. See `Engine.step` for when the pipeline drains.
+
 Everything an engine uses hangs off the instance (no module-level state): two engines in one process are
 independent. Bad requests are refused by `add_request` with a ValueError/TypeError before anything changes,
 so the engine keeps serving the others.
