@@ -68,13 +68,20 @@ def _qkv(T_, hq, hk, d, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pad", [False, True])
-def test_rotary_write_kv_cache_equals_the_reference(dtype, pad):
+@pytest.mark.parametrize("fused", [True, False])  # q and k adjacent in one buffer (rotated as one view) or not
+def test_rotary_write_kv_cache_equals_the_reference(dtype, pad, fused):
     hq, hk, d, bs, nblocks = 9, 3, 64, 4, 6
     rope = build_rope_cache(d, 64, 100000.0)
     qkv, q, k, v = _qkv(5, hq, hk, d, dtype)
+    if not fused:  # k before q in the buffer: not one view
+        qkv = torch.cat([qkv[:, hq * d: (hq + hk) * d], qkv[:, : hq * d], qkv[:, (hq + hk) * d:]], dim=1)
+        k, q = qkv[:, : hk * d].view(5, hk, d), qkv[:, hk * d: (hq + hk) * d].view(5, hq, d)
+        v = qkv[:, (hq + hk) * d:].view(5, hk, d)
+        assert T._joint_heads(q, k) is None
+    else:
+        assert T._joint_heads(q, k) is not None
     qkv2 = qkv.clone()
-    q2, k2, v2 = (qkv2[:, : hq * d].view(5, hq, d), qkv2[:, hq * d: (hq + hk) * d].view(5, hk, d),
-                  qkv2[:, (hq + hk) * d:].view(5, hk, d))
+    q2, k2, v2 = (qkv2.as_strided(t.shape, t.stride(), t.storage_offset()) for t in (q, k, v))
     positions = torch.tensor([0, 7, 8, 31, 63])
     slots = torch.tensor([3, 17, -1, 0, 23] if pad else [3, 17, 9, 0, 23])
     caches = [torch.full((nblocks, bs, hk, d), float("nan")).to(dtype) for _ in range(4)]

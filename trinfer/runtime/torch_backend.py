@@ -6,26 +6,29 @@ and a decode step of a small model (SmolLM2-135M: 30 layers) is mostly such call
 so the `torch` backend runs these instead where they apply:
 
     rms_norm, fused_add_rms_norm, silu_and_mul, rotary_write_kv_cache
-        fp32 inputs: the reference's arithmetic without its casts (no-ops in fp32) and with fewer
-        temporaries; the same operations in the same order, so the results are bit for bit the
-        reference's. Other dtypes: the reference itself.
-    paged_decode_attention
-        every sequence at once: one gather of the block tables' K/V, GQA by viewing the query heads as
-        [kv_heads, group] (no repeat_interleave), the causal mask only when lengths differ; fp32 math as
-        in the reference (scores * scale, softmax, weighted sum). Equal to the reference up to the
-        summation order of the matrix products (tests/test_torch_backend.py).
+        fp32 inputs: the reference's arithmetic without its casts (no-ops in fp32), with fewer temporaries,
+        in place where the reference copies back, q and k rotated as one view when they are adjacent (as in
+        the model's fused q/k/v output); the same operations on the same values in the same order, so the
+        results are bit for bit the reference's. Other dtypes: the reference itself.
+    paged_decode_attention, paged_prefill_attention
+        fp32 math as in the reference, without its per-sequence Python gather: a sequence whose blocks are
+        consecutive (a lone sequence's usually are) is read as a view of the cache, else gathered once;
+        one decoding sequence, and each prefilling one, runs torch's scaled_dot_product_attention (GQA by
+        `enable_gqa`, causal by `is_causal` or an explicit mask when a cached prefix precedes the queries);
+        a decode batch of several runs batched matrix products with a length mask only when lengths
+        differ. Equal to the reference up to summation order (tests/test_torch_backend.py).
     prepare_matrix
         fp32 weight matrices on the CPU whose output dim is at least their input dim (q/k/v, o_proj,
         gate/up, the LM head) stored column-major: the same `[out, in]` tensor with transposed strides,
         so `F.linear` hands MKL a non-transposed operand. Measured on an AMD EPYC (AVX-512, MKL 2024.2,
         weights streaming from memory, one row: a decode step of one sequence), interleaved, medians:
         SmolLM2-135M's q/k/v 1.4x, gate/up 1.8x, LM head 1.85x, o_proj 1.1x faster; its down_proj
-        (out < in) 0.8x, so it stays row-major. For 4-8 rows the column-major products are ~10% slower;
+        (out < in) 0.8x, so it stays row-major. Two rows: 1.7x faster; 4-8 rows: 5-10% slower;
         prefill-sized products are the same. Other dtypes (fp16 on the CPU is 10x slower column-major),
         devices and BLAS libraries keep the row-major layout.
 
-paged_prefill_attention and the LM head's argmax are the references (a prefill is one call per layer).
-Every function takes the kernels' signature and ignores their launch/validation keywords.
+The LM head's argmax is the reference. Every function takes the kernels' signature and ignores their
+launch/validation keywords.
 """
 from __future__ import annotations
 
@@ -60,8 +63,8 @@ def silu_and_mul(x: torch.Tensor, **_kwargs) -> torch.Tensor:
     """`silu_and_mul_ref`: `silu(gate) * up` for x = [gate | up]."""
     if x.dtype != _F32:
         return R.silu_and_mul_ref(x)
-    gate, up = x.split(x.shape[-1] // 2, dim=-1)
-    return F.silu(gate).mul_(up)
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half]).mul_(x[..., half:])
 
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -74,6 +77,16 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     x1.copy_(o1)
 
 
+def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q `[T, Hq, D]` and k `[T, Hk, D]` as one `[T, Hq + Hk, D]` view when k's heads follow q's in every row
+    (the model's views into its fused q/k/v projection output), so that one rotation covers both; else None."""
+    t, hq, d = q.shape
+    if (k.dtype == q.dtype and k.shape[0] == t and k.shape[2] == d and q.stride() == k.stride()
+            and q.stride()[1:] == (d, 1) and k.data_ptr() == q.data_ptr() + hq * d * q.element_size()):
+        return q.as_strided((t, hq + k.shape[1], d), q.stride())
+    return None
+
+
 def rotary_write_kv_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, **_kwargs):
     """`rotary_write_kv_cache_ref`: rotate q and k in place, then store k and v at their slots (-1: skipped)."""
     if q.dtype != _F32 or k.dtype != _F32 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -81,8 +94,12 @@ def rotary_write_kv_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, s
     half = q.shape[-1] // 2
     rows = cos_sin_cache.index_select(0, positions)[:, None, :]  # [T, 1, D] fp32: cos | sin
     cos, sin = rows[..., :half], rows[..., half:]
-    _rotate_(q, cos, sin)
-    _rotate_(k, cos, sin)
+    qk = _joint_heads(q, k)
+    if qk is not None:
+        _rotate_(qk, cos, sin)
+    else:
+        _rotate_(q, cos, sin)
+        _rotate_(k, cos, sin)
     slots = slot_mapping
     if slots.numel() and int(slots.min()) < 0:  # padding rows write nothing
         keep = (slots >= 0).nonzero().squeeze(1)
@@ -142,20 +159,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if n == 0:
         return torch.zeros_like(q)
     kv_heads = k_cache.shape[2]
+    if batch == 1:  # one sequence: torch's fused attention over its cached tokens (a view when it can)
+        k = _tokens(k_cache, block_tables[0], n).transpose(0, 1)[None].float()  # [1, Hkv, n, D]
+        v = _tokens(v_cache, block_tables[0], n).transpose(0, 1)[None].float()
+        o = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, scale=scale, enable_gqa=True)
+        return o.view(batch, q_heads, dim).to(q.dtype)
     ragged = any(length != n for length in lens)
-    if batch == 1:
-        k = _tokens(k_cache, block_tables[0], n)[None]  # [1, n, Hkv, D]
-        v = _tokens(v_cache, block_tables[0], n)[None]
-    else:  # one gather of the first n tokens' blocks of every sequence
-        block_size = k_cache.shape[1]
-        nb = -(-n // block_size)
-        table = block_tables[:, :nb]
-        if ragged:  # table entries past a sequence's own blocks may hold anything: read block 0 there instead
-            owned = torch.arange(nb, device=q.device)[None, :] * block_size < seq_lens[:, None]
-            table = torch.where(owned, table, 0)
-        table = table.long()
-        k = k_cache[table].view(batch, nb * block_size, kv_heads, dim)[:, :n]
-        v = v_cache[table].view(batch, nb * block_size, kv_heads, dim)[:, :n]
+    # Several sequences: one gather of the blocks holding every sequence's first n tokens.
+    block_size = k_cache.shape[1]
+    nb = -(-n // block_size)
+    table = block_tables[:, :nb]
+    if ragged:  # table entries past a sequence's own blocks may hold anything: read block 0 there instead
+        owned = torch.arange(nb, device=q.device)[None, :] * block_size < seq_lens[:, None]
+        table = torch.where(owned, table, 0)
+    table = table.long()
+    k = k_cache[table].view(batch, nb * block_size, kv_heads, dim)[:, :n]
+    v = v_cache[table].view(batch, nb * block_size, kv_heads, dim)[:, :n]
     if ragged:
         visible = torch.arange(n, device=q.device)[None, :] < seq_lens[:, None]  # [B, n]
         v = v.masked_fill(~visible[:, :, None, None], 0.0)  # slots past a sequence's end: no 0 * inf = NaN
