@@ -13,9 +13,12 @@ it (padding rows: slot -1, length 0). The decode-attention grid is sized by a ho
 sequence: a graph captures it at its context bucket's bound (splits past a sequence's end exit at once,
 and the result never depends on the grid), and the smallest bound >= the batch's longest sequence is
 replayed. Context buckets grow by 4x from one split (256 tokens) to max_model_len, so at most 3/4 of the
-split programs are empty ones, where the single bound max_model_len would launch, for a 128K-context model at
-batch 32, 512 split programs per sequence and KV head, almost all empty, in every layer of every step.
-Batches larger than the largest bucket run eagerly. On the CPU (or with graphs off) the same step runs eagerly.
+split programs a graph launches lie past the batch's longest sequence; the single bound max_model_len would
+launch, for a 128K-context model, 512 split programs per sequence and KV head in every layer of every step,
+nearly all of them empty at short contexts. The largest batch bucket is max_num_seqs, so every decode batch
+has its graph (a batch beyond the buckets would run eagerly). On CUDA, eager decode steps (graphs off) are
+padded to the same buckets, so graphs on and off run the same shapes and give the same tokens. On the CPU
+the same step runs eagerly, unpadded.
 """
 from __future__ import annotations
 
