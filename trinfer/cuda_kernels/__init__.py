@@ -41,8 +41,7 @@ from ..triton_kernels.attention import _validate_tables as _attn_validate_tables
 from ..triton_kernels._utils import FLOAT_DTYPES, check_same, check_tensor, rows_as_2d
 from ..triton_kernels.kv_cache import SLOT_DTYPES, _validate_slots
 from ..triton_kernels.kv_cache_layout import check_kv_caches
-from ..triton_kernels.rms_norm import _check_common as _rms_check_common
-from ..triton_kernels.rms_norm import _check_out as _rms_check_out
+from ..triton_kernels.rms_norm import prepare_fused_add_rms_norm, prepare_rms_norm
 from ..triton_kernels.sampling import MAX_VOCAB
 from ..triton_kernels.sampling import _check_out as _sample_check_out
 from . import _build
@@ -204,11 +203,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
     `weight * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype)`: x `[..., hidden]` fp32/fp16/bf16 with a
     contiguous last dim, weight `[hidden]`, optional `out`. Reference: `references.rms_norm_ref`.
     """
-    eps = _rms_check_common(x, weight, eps)
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    else:
-        _rms_check_out(out, x)
+    eps, out = prepare_rms_norm(x, weight, eps, out)
     ops = _ops()
     if x.numel() == 0:
         return out
@@ -224,13 +219,7 @@ def fused_add_rms_norm(
 
     As `trinfer.triton_kernels.fused_add_rms_norm`. Reference: `references.fused_add_rms_norm_ref`.
     """
-    eps = _rms_check_common(x, weight, eps)
-    check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device, last_dim_contiguous=True)
-    check_same("residual", tuple(residual.shape), tuple(x.shape), "shape")
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    else:
-        _rms_check_out(out, x)
+    eps, out = prepare_fused_add_rms_norm(x, residual, weight, eps, out)
     ops = _ops()
     if x.numel() == 0:
         return out

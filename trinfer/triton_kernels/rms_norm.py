@@ -63,9 +63,29 @@ def _check_common(x: torch.Tensor, weight: torch.Tensor, eps: float) -> float:
     return check_positive_float("eps", eps)
 
 
-def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+def _out_like(out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`out` checked against x, or a new contiguous tensor like x when it is None."""
+    if out is None:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
     check_tensor("out", out, dtypes=(x.dtype,), device=x.device, last_dim_contiguous=True)
     check_same("out", tuple(out.shape), tuple(x.shape), "shape")
+    return out
+
+
+def prepare_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     out: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+    """`rms_norm`'s every-call checks and output (shared with the CUDA backend): returns (eps, out)."""
+    eps = _check_common(x, weight, eps)
+    return eps, _out_like(out, x)
+
+
+def prepare_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                               out: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+    """`fused_add_rms_norm`'s every-call checks and output (shared with the CUDA backend): returns (eps, out)."""
+    eps = _check_common(x, weight, eps)
+    check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device, last_dim_contiguous=True)
+    check_same("residual", tuple(residual.shape), tuple(x.shape), "shape")
+    return eps, _out_like(out, x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,11 +101,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
         `[..., hidden]` in x's dtype, equal to Hugging Face's LlamaRMSNorm (same casts).
         Reference: `trinfer.triton_kernels.references.rms_norm_ref`.
     """
-    eps = _check_common(x, weight, eps)
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    else:
-        _check_out(out, x)
+    eps, out = prepare_rms_norm(x, weight, eps, out)
     if x.numel() == 0:
         return out
     _rms_norm_op(rows_as_2d("x", x), weight, rows_as_2d("out", out), eps)
@@ -105,13 +121,7 @@ def fused_add_rms_norm(
     Returns:
         The normalized sum, `[..., hidden]` in x's dtype. Reference: `references.fused_add_rms_norm_ref`.
     """
-    eps = _check_common(x, weight, eps)
-    check_tensor("residual", residual, dtypes=(x.dtype,), device=x.device, last_dim_contiguous=True)
-    check_same("residual", tuple(residual.shape), tuple(x.shape), "shape")
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    else:
-        _check_out(out, x)
+    eps, out = prepare_fused_add_rms_norm(x, residual, weight, eps, out)
     if x.numel() == 0:
         return out
     _fused_add_rms_norm_op(rows_as_2d("x", x), rows_as_2d("residual", residual), weight, rows_as_2d("out", out), eps)
