@@ -42,8 +42,7 @@ from ..triton_kernels._utils import FLOAT_DTYPES, check_same, check_tensor, rows
 from ..triton_kernels.kv_cache import SLOT_DTYPES, _validate_slots
 from ..triton_kernels.kv_cache_layout import check_kv_caches
 from ..triton_kernels.rms_norm import prepare_fused_add_rms_norm, prepare_rms_norm
-from ..triton_kernels.sampling import MAX_VOCAB
-from ..triton_kernels.sampling import _check_out as _sample_check_out
+from ..triton_kernels.sampling import prepare_greedy_sample
 from . import _build
 
 __all__ = [
@@ -240,34 +239,9 @@ def greedy_sample(
     The vocab is split into fixed chunks of 2048 logits (one CTA each, then a per-row merge), so a row's result
     never depends on the batch. Reference: `references.greedy_sample_ref`.
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
-    if not isinstance(return_logprobs, bool):
-        raise TypeError(f"return_logprobs: expected a bool, got {type(return_logprobs).__name__}")
-    batch, vocab = logits.shape
-    if not 1 <= vocab < MAX_VOCAB:
-        raise ValueError(f"logits: expected a vocab size (last dim) in [1, {MAX_VOCAB}), got {vocab}")
-    check_out = _sample_check_out
-    if return_logprobs:
-        if out is None:
-            out_ids = torch.empty(batch, dtype=torch.int64, device=logits.device)
-            out_lp = torch.empty(batch, dtype=torch.float32, device=logits.device)
-        else:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(f"out: expected a tuple (ids, logprobs) with return_logprobs=True, got "
-                                f"{type(out).__name__}")
-            out_ids, out_lp = out
-            check_out("out[0] (ids)", out_ids, torch.int64, logits)
-            check_out("out[1] (logprobs)", out_lp, torch.float32, logits)
-    else:
-        if out is None:
-            out_ids = torch.empty(batch, dtype=torch.int64, device=logits.device)
-        else:
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"out: expected an int64 tensor with return_logprobs=False, got {type(out).__name__}")
-            check_out("out", out, torch.int64, logits)
-            out_ids = out
+    out_ids, out_lp = prepare_greedy_sample(logits, return_logprobs, out)
     ops = _ops()
-    if batch:
+    if logits.shape[0]:
         _require_cuda("logits", logits)
         if return_logprobs:
             ops.greedy_sample_logprobs(logits, out_ids, out_lp)

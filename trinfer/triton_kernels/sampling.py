@@ -83,6 +83,39 @@ def _check_out(name: str, t, dtype: torch.dtype, logits: torch.Tensor) -> None:
     check_same(name, tuple(t.shape), (logits.shape[0],), "shape")
 
 
+def prepare_greedy_sample(
+    logits: torch.Tensor, return_logprobs: bool, out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`greedy_sample`'s every-call checks and outputs (shared with the CUDA backend).
+
+    Returns (ids, logprobs): the buffers of `out`, checked, or new ones when it is None; logprobs is None
+    unless `return_logprobs`.
+    """
+    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs: expected a bool, got {type(return_logprobs).__name__}")
+    batch, vocab = logits.shape
+    if not 1 <= vocab < MAX_VOCAB:
+        raise ValueError(f"logits: expected a vocab size (last dim) in [1, {MAX_VOCAB}), got {vocab}")
+    if return_logprobs:
+        if out is None:
+            return (torch.empty(batch, dtype=torch.int64, device=logits.device),
+                    torch.empty(batch, dtype=torch.float32, device=logits.device))
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"out: expected a tuple (ids, logprobs) with return_logprobs=True, got "
+                            f"{type(out).__name__}")
+        out_ids, out_lp = out
+        _check_out("out[0] (ids)", out_ids, torch.int64, logits)
+        _check_out("out[1] (logprobs)", out_lp, torch.float32, logits)
+        return out_ids, out_lp
+    if out is None:
+        return torch.empty(batch, dtype=torch.int64, device=logits.device), None
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected an int64 tensor with return_logprobs=False, got {type(out).__name__}")
+    _check_out("out", out, torch.int64, logits)
+    return out, None
+
+
 def greedy_sample(
     logits: torch.Tensor,
     *,
@@ -104,35 +137,13 @@ def greedy_sample(
         int64 ids `[batch]`, or `(ids, logprobs)` with `return_logprobs=True`.
         Reference: `trinfer.triton_kernels.references.greedy_sample_ref`.
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=2, last_dim_contiguous=True)
-    if not isinstance(return_logprobs, bool):
-        raise TypeError(f"return_logprobs: expected a bool, got {type(return_logprobs).__name__}")
-    batch, vocab = logits.shape
-    if not 1 <= vocab < MAX_VOCAB:
-        raise ValueError(f"logits: expected a vocab size (last dim) in [1, {MAX_VOCAB}), got {vocab}")
-    if return_logprobs:
-        if out is None:
-            out_ids = torch.empty(batch, dtype=torch.int64, device=logits.device)
-            out_lp = torch.empty(batch, dtype=torch.float32, device=logits.device)
-        else:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(f"out: expected a tuple (ids, logprobs) with return_logprobs=True, got "
-                                f"{type(out).__name__}")
-            out_ids, out_lp = out
-            _check_out("out[0] (ids)", out_ids, torch.int64, logits)
-            _check_out("out[1] (logprobs)", out_lp, torch.float32, logits)
-        if batch:
+    out_ids, out_lp = prepare_greedy_sample(logits, return_logprobs, out)
+    if logits.shape[0]:
+        if return_logprobs:
             _greedy_sample_logprobs_op(logits, out_ids, out_lp)
-        return out_ids, out_lp
-    if out is None:
-        out = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    else:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out: expected an int64 tensor with return_logprobs=False, got {type(out).__name__}")
-        _check_out("out", out, torch.int64, logits)
-    if batch:
-        _greedy_sample_op(logits, out)
-    return out
+        else:
+            _greedy_sample_op(logits, out_ids)
+    return (out_ids, out_lp) if return_logprobs else out_ids
 
 
 def _i32(values) -> str:
