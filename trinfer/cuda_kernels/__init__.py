@@ -38,9 +38,8 @@ from ..triton_kernels.attention import _check_out as _attn_check_out
 from ..triton_kernels.attention import _check_split_tokens as _attn_check_split_tokens
 from ..triton_kernels.attention import _num_splits as _attn_num_splits
 from ..triton_kernels.attention import _validate_tables as _attn_validate_tables
-from ..triton_kernels._utils import FLOAT_DTYPES, check_same, check_tensor, rows_as_2d
-from ..triton_kernels.kv_cache import SLOT_DTYPES, _validate_slots
-from ..triton_kernels.kv_cache_layout import check_kv_caches
+from ..triton_kernels._utils import check_tensor, rows_as_2d
+from ..triton_kernels.kv_cache import check_write_kv_cache_args
 from ..triton_kernels.rms_norm import prepare_fused_add_rms_norm, prepare_rms_norm
 from ..triton_kernels.sampling import prepare_greedy_sample
 from . import _build
@@ -256,16 +255,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
     Layout: `trinfer.triton_kernels.kv_cache_layout`. `validate=True` runs the device-memory slot checks (sync).
     """
-    num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
-    dev = k_cache.device
-    check_tensor("k", k, dtypes=(k_cache.dtype,), ndim=3, device=dev, last_dim_contiguous=True)
-    check_tensor("v", v, dtypes=(k_cache.dtype,), ndim=3, device=dev, last_dim_contiguous=True)
-    check_same("k", tuple(k.shape[1:]), (num_kv_heads, head_dim), "[num_kv_heads, head_dim] of the cache")
-    check_same("v", tuple(v.shape), tuple(k.shape), "the shape of k")
-    check_tensor("slot_mapping", slot_mapping, dtypes=SLOT_DTYPES, ndim=1, device=dev, contiguous=True)
-    check_same("slot_mapping", slot_mapping.shape[0], k.shape[0], "one slot per token:")
-    if validate:
-        _validate_slots(slot_mapping, num_blocks * block_size)
+    check_write_kv_cache_args(k, v, k_cache, v_cache, slot_mapping, validate)
     ops = _ops()
     if k.shape[0] == 0:
         return

@@ -61,6 +61,21 @@ def _validate_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
                          f"got slot {dup} {int(counts[used == dup][0])} times")
 
 
+def check_write_kv_cache_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slot_mapping: torch.Tensor, validate: bool) -> None:
+    """`write_kv_cache`'s checks (shared with the CUDA backend): every call, plus the slot checks if `validate`."""
+    num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
+    dev = k_cache.device
+    check_tensor("k", k, dtypes=(k_cache.dtype,), ndim=3, device=dev, last_dim_contiguous=True)
+    check_tensor("v", v, dtypes=(k_cache.dtype,), ndim=3, device=dev, last_dim_contiguous=True)
+    check_same("k", tuple(k.shape[1:]), (num_kv_heads, head_dim), "[num_kv_heads, head_dim] of the cache")
+    check_same("v", tuple(v.shape), tuple(k.shape), "the shape of k")
+    check_tensor("slot_mapping", slot_mapping, dtypes=SLOT_DTYPES, ndim=1, device=dev, contiguous=True)
+    check_same("slot_mapping", slot_mapping.shape[0], k.shape[0], "one slot per token:")
+    if validate:
+        _validate_slots(slot_mapping, num_blocks * block_size)
+
+
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, *, validate: bool = False) -> None:
     """Write new keys/values into their cache slots: `k_cache[slot] = k[t]`, `v_cache[slot] = v[t]` (in place).
@@ -76,16 +91,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     Checked on every call (no sync): types, dtypes, devices, shapes, contiguity of the last dims.
     Reference: `trinfer.triton_kernels.references.write_kv_cache_ref`.
     """
-    num_blocks, block_size, num_kv_heads, head_dim = check_kv_caches(k_cache, v_cache)
-    dev = k_cache.device
-    check_tensor("k", k, dtypes=(k_cache.dtype,), ndim=3, device=dev, last_dim_contiguous=True)
-    check_tensor("v", v, dtypes=(k_cache.dtype,), ndim=3, device=dev, last_dim_contiguous=True)
-    check_same("k", tuple(k.shape[1:]), (num_kv_heads, head_dim), "[num_kv_heads, head_dim] of the cache")
-    check_same("v", tuple(v.shape), tuple(k.shape), "the shape of k")
-    check_tensor("slot_mapping", slot_mapping, dtypes=SLOT_DTYPES, ndim=1, device=dev, contiguous=True)
-    check_same("slot_mapping", slot_mapping.shape[0], k.shape[0], "one slot per token:")
-    if validate:
-        _validate_slots(slot_mapping, num_blocks * block_size)
+    check_write_kv_cache_args(k, v, k_cache, v_cache, slot_mapping, validate)
     if k.shape[0] == 0:
         return
     _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping)
