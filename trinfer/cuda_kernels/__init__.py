@@ -30,15 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-# The Triton wrappers' own checks (some private to their modules), so that both backends raise the same errors.
-from ..triton_kernels.attention import DECODE_SPLIT_TOKENS, decode_workspace_numel
-from ..triton_kernels.attention import _check_attention_inputs as _attn_check_inputs
-from ..triton_kernels.attention import _check_lengths as _attn_check_lengths
-from ..triton_kernels.attention import _check_out as _attn_check_out
-from ..triton_kernels.attention import _check_split_tokens as _attn_check_split_tokens
-from ..triton_kernels.attention import _num_splits as _attn_num_splits
-from ..triton_kernels.attention import _validate_tables as _attn_validate_tables
-from ..triton_kernels._utils import check_tensor, rows_as_2d
+# The Triton wrappers' own checks, so that both backends raise the same errors.
+from ..triton_kernels.attention import DECODE_SPLIT_TOKENS, prepare_decode_attention, validate_decode_attention
+from ..triton_kernels._utils import rows_as_2d
 from ..triton_kernels.kv_cache import check_write_kv_cache_args
 from ..triton_kernels.rms_norm import prepare_fused_add_rms_norm, prepare_rms_norm
 from ..triton_kernels.sampling import prepare_greedy_sample
@@ -302,38 +296,15 @@ def paged_decode_attention(
     (`decode_workspace_numel`). CUDA-only limits: head_dim in HEAD_DIMS, split_tokens <= MAX_SPLIT_TOKENS,
     16-byte aligned cache rows. Reference: `references.paged_decode_attention_ref`.
     """
-    batch = q.shape[0] if isinstance(q, torch.Tensor) else -1
-    num_blocks, block_size, num_q_heads, _, head_dim, scale = _attn_check_inputs(
-        q, k_cache, v_cache, block_tables, batch, scale)
-    _attn_check_lengths("seq_lens", seq_lens, batch, q.device)
-    split_tokens = _attn_check_split_tokens(split_tokens)
-    capacity = block_tables.shape[1] * block_size
-    if max_seq_len is None:
-        max_seq_len = capacity
-    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
-        raise ValueError(f"max_seq_len: expected an int >= 0 or None, got {max_seq_len!r}")
-    max_seq_len = min(max_seq_len, capacity)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    else:
-        _attn_check_out(out, q)
-    needed = decode_workspace_numel(batch, num_q_heads, head_dim, max_seq_len, split_tokens)
-    if workspace is None:
-        workspace = torch.empty(needed, dtype=torch.float32, device=q.device)
-    else:
-        check_tensor("workspace", workspace, dtypes=(torch.float32,), ndim=1, device=q.device, contiguous=True)
-        if workspace.numel() < needed:
-            raise ValueError(f"workspace: expected at least {needed} fp32 elements (decode_workspace_numel), "
-                             f"got {workspace.numel()}")
-    _check_cuda_decode_limits(q, k_cache, v_cache, head_dim, split_tokens)
+    a = prepare_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=out,
+                                 max_seq_len=max_seq_len, split_tokens=split_tokens, workspace=workspace)
+    _check_cuda_decode_limits(q, k_cache, v_cache, a.head_dim, a.split_tokens)
     if validate:
-        _attn_validate_tables("seq_lens", seq_lens, block_tables, block_size, num_blocks)
-        if batch and int(seq_lens.max()) > max_seq_len:
-            raise ValueError(f"max_seq_len: expected >= the longest sequence {int(seq_lens.max())}, got {max_seq_len}")
+        validate_decode_attention(a, block_tables, seq_lens)
     ops = _ops()
-    if batch == 0:
-        return out
+    if a.batch == 0:
+        return a.out
     _require_cuda("q", q)
-    ops.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, workspace, scale,
-                               _attn_num_splits(max_seq_len, split_tokens), split_tokens)
-    return out
+    ops.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, a.out, a.workspace, a.scale,
+                               a.num_splits, a.split_tokens)
+    return a.out

@@ -302,6 +302,60 @@ def _check_split_tokens(split_tokens) -> int:
     return split_tokens
 
 
+class DecodeArgs(NamedTuple):
+    """`paged_decode_attention`'s arguments checked, normalized and allocated by `prepare_decode_attention`."""
+    batch: int
+    num_blocks: int
+    block_size: int
+    head_dim: int
+    scale: float
+    split_tokens: int
+    max_seq_len: int    # the host bound, clamped to the table capacity
+    num_splits: int     # the split grid for max_seq_len
+    out: torch.Tensor
+    workspace: torch.Tensor
+
+
+def prepare_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
+                             out: torch.Tensor | None, max_seq_len: int | None, split_tokens: int,
+                             workspace: torch.Tensor | None) -> DecodeArgs:
+    """`paged_decode_attention`'s every-call checks, `max_seq_len` normalisation and `out`/`workspace`
+    allocation (shared with the CUDA backend, so both raise the same errors)."""
+    batch = q.shape[0] if isinstance(q, torch.Tensor) else -1
+    num_blocks, block_size, num_q_heads, _, head_dim, scale = _check_attention_inputs(
+        q, k_cache, v_cache, block_tables, batch, scale)
+    _check_lengths("seq_lens", seq_lens, batch, q.device)
+    split_tokens = _check_split_tokens(split_tokens)
+    capacity = block_tables.shape[1] * block_size
+    if max_seq_len is None:
+        max_seq_len = capacity
+    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
+        raise ValueError(f"max_seq_len: expected an int >= 0 or None, got {max_seq_len!r}")
+    max_seq_len = min(max_seq_len, capacity)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        _check_out(out, q)
+    needed = decode_workspace_numel(batch, num_q_heads, head_dim, max_seq_len, split_tokens)
+    if workspace is None:
+        workspace = torch.empty(needed, dtype=torch.float32, device=q.device)
+    else:
+        check_tensor("workspace", workspace, dtypes=(torch.float32,), ndim=1, device=q.device, contiguous=True)
+        if workspace.numel() < needed:
+            raise ValueError(f"workspace: expected at least {needed} fp32 elements (decode_workspace_numel), "
+                             f"got {workspace.numel()}")
+    return DecodeArgs(batch, num_blocks, block_size, head_dim, scale, split_tokens, max_seq_len,
+                      _num_splits(max_seq_len, split_tokens), out, workspace)
+
+
+def validate_decode_attention(a: DecodeArgs, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """`paged_decode_attention`'s validate=True checks (device memory, one sync)."""
+    _validate_tables("seq_lens", seq_lens, block_tables, a.block_size, a.num_blocks)
+    if a.batch and int(seq_lens.max()) > a.max_seq_len:
+        raise ValueError(f"max_seq_len: expected >= the longest sequence {int(seq_lens.max())}, got {a.max_seq_len}")
+
+
 def _decode_launch(q, k_cache, v_cache, block_tables, seq_lens, out, workspace, scale: float, max_splits: int,
                    split_tokens: int) -> None:
     batch, num_q_heads, head_dim = q.shape
@@ -390,38 +444,15 @@ def paged_decode_attention(
     Returns:
         `[batch, q_heads, head_dim]` in q's dtype. Reference: `references.paged_decode_attention_ref`.
     """
-    batch = q.shape[0] if isinstance(q, torch.Tensor) else -1
-    num_blocks, block_size, num_q_heads, _, head_dim, scale = _check_attention_inputs(
-        q, k_cache, v_cache, block_tables, batch, scale)
-    _check_lengths("seq_lens", seq_lens, batch, q.device)
-    split_tokens = _check_split_tokens(split_tokens)
-    capacity = block_tables.shape[1] * block_size
-    if max_seq_len is None:
-        max_seq_len = capacity
-    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
-        raise ValueError(f"max_seq_len: expected an int >= 0 or None, got {max_seq_len!r}")
-    max_seq_len = min(max_seq_len, capacity)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    else:
-        _check_out(out, q)
-    needed = decode_workspace_numel(batch, num_q_heads, head_dim, max_seq_len, split_tokens)
-    if workspace is None:
-        workspace = torch.empty(needed, dtype=torch.float32, device=q.device)
-    else:
-        check_tensor("workspace", workspace, dtypes=(torch.float32,), ndim=1, device=q.device, contiguous=True)
-        if workspace.numel() < needed:
-            raise ValueError(f"workspace: expected at least {needed} fp32 elements (decode_workspace_numel), "
-                             f"got {workspace.numel()}")
+    a = prepare_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=out,
+                                 max_seq_len=max_seq_len, split_tokens=split_tokens, workspace=workspace)
     if validate:
-        _validate_tables("seq_lens", seq_lens, block_tables, block_size, num_blocks)
-        if batch and int(seq_lens.max()) > max_seq_len:
-            raise ValueError(f"max_seq_len: expected >= the longest sequence {int(seq_lens.max())}, got {max_seq_len}")
-    if batch == 0:
-        return out
-    _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, out, workspace, scale,
-                     _num_splits(max_seq_len, split_tokens), split_tokens)
-    return out
+        validate_decode_attention(a, block_tables, seq_lens)
+    if a.batch == 0:
+        return a.out
+    _paged_decode_op(q, k_cache, v_cache, block_tables, seq_lens, a.out, a.workspace, a.scale, a.num_splits,
+                     a.split_tokens)
+    return a.out
 
 
 # ----------------------------------------------------------------------------------------------------------
