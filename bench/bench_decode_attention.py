@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -120,28 +121,25 @@ def _paged_decode(op, i):
     return lambda: op(*_args(i), **kwargs)
 
 
-def _sdpa_builder(backend_name: str | None):
+def _sdpa_builder(attend: Callable[[dict], Callable], backend_name: str | None):
     def build(i):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        b, hq, d = i["q"].shape
-        k, v = gather_contiguous_kv(i["k_cache"], i["v_cache"], i["block_tables"], [i["context"]] * b)
-        q4 = i["q"].view(b, hq, 1, d)
-        scale = i["scale"]
+        call = attend(i)
         if backend_name is None:
-            return lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True).view(b, hq, d)
+            return call
         backend = getattr(SDPBackend, backend_name)
 
-        def call():
+        def forced():
             with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True).view(b, hq, d)
+                return call()
 
-        return call
+        return forced
 
     return build
 
 
-def _flex_builder():
+def _flex_builder(attend: Callable[[Callable, dict], Callable]):
     holder: list = []
 
     def build(i):
@@ -149,26 +147,50 @@ def _flex_builder():
 
         if not holder:
             holder.append(torch.compile(flex_attention))
-        flex = holder[0]
-        b, hq, d = i["q"].shape
-        k, v = gather_contiguous_kv(i["k_cache"], i["v_cache"], i["block_tables"], [i["context"]] * b)
-        q4 = i["q"].view(b, hq, 1, d)
-        scale = i["scale"]
-        return lambda: flex(q4, k, v, scale=scale, enable_gqa=True).view(b, hq, d)
+        return attend(holder[0], i)
 
     return build
 
 
-def library_providers() -> list[H.Provider]:
-    note = "contiguous K/V [B,Hkv,L,D], no paging"
+def attention_library_providers(sdpa_attend: Callable[[dict], Callable],
+                                flex_attend: Callable[[Callable, dict], Callable], note: str) -> list[H.Provider]:
+    """The library providers of the attention benchmarks: `sdpa` (backend chosen by torch), `sdpa_flash`,
+    `sdpa_cudnn`, `sdpa_efficient` (each forced), from `sdpa_attend(inputs) -> call`, and `flex_attention`
+    (compiled once, on first use), from `flex_attend(flex, inputs) -> call`."""
     return [
-        H.Provider("sdpa", _sdpa_builder(None), "library", note=note + "; backend chosen by torch"),
-        H.Provider("sdpa_flash", _sdpa_builder("FLASH_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("sdpa_cudnn", _sdpa_builder("CUDNN_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("sdpa_efficient", _sdpa_builder("EFFICIENT_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("flex_attention", _flex_builder(), "library", requires_cuda=True, note=note + "; torch.compile",
-                   costly=True),
+        H.Provider("sdpa", _sdpa_builder(sdpa_attend, None), "library", note=note + "; backend chosen by torch"),
+        H.Provider("sdpa_flash", _sdpa_builder(sdpa_attend, "FLASH_ATTENTION"), "library", requires_cuda=True,
+                   note=note),
+        H.Provider("sdpa_cudnn", _sdpa_builder(sdpa_attend, "CUDNN_ATTENTION"), "library", requires_cuda=True,
+                   note=note),
+        H.Provider("sdpa_efficient", _sdpa_builder(sdpa_attend, "EFFICIENT_ATTENTION"), "library",
+                   requires_cuda=True, note=note),
+        H.Provider("flex_attention", _flex_builder(flex_attend), "library", requires_cuda=True,
+                   note=note + "; torch.compile", costly=True),
     ]
+
+
+def _contiguous(i):
+    """q as [B, Hq, 1, D] and K/V as contiguous [B, Hkv, L, D]."""
+    b, hq, d = i["q"].shape
+    k, v = gather_contiguous_kv(i["k_cache"], i["v_cache"], i["block_tables"], [i["context"]] * b)
+    return i["q"].view(b, hq, 1, d), k, v
+
+
+def _sdpa_attend(i):
+    q4, k, v = _contiguous(i)
+    scale, shape = i["scale"], i["q"].shape
+    return lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True).view(shape)
+
+
+def _flex_attend(flex, i):
+    q4, k, v = _contiguous(i)
+    scale, shape = i["scale"], i["q"].shape
+    return lambda: flex(q4, k, v, scale=scale, enable_gqa=True).view(shape)
+
+
+def library_providers() -> list[H.Provider]:
+    return attention_library_providers(_sdpa_attend, _flex_attend, "contiguous K/V [B,Hkv,L,D], no paging")
 
 
 def benchmarks() -> list[H.Benchmark]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from bench import harness as H
 from bench import shapes as S
-from bench.bench_decode_attention import gather_contiguous_kv
+from bench.bench_decode_attention import attention_library_providers, gather_contiguous_kv
 
 REF_MAX_GIB = 6.0
 CHUNK = 512
@@ -118,63 +118,31 @@ def _contiguous(i):
     return q4, k, v
 
 
-def _sdpa_builder(backend_name: str | None):
-    def build(i):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.nn.attention.bias import causal_lower_right
+def _sdpa_attend(i):
+    from torch.nn.attention.bias import causal_lower_right
 
-        q4, k, v = _contiguous(i)
-        scale, q_len, kv_len = i["scale"], i["q_len"], i["kv_len"]
-        mask_kw = {"is_causal": True} if q_len == kv_len else {"attn_mask": causal_lower_right(q_len, kv_len)}
-
-        def attend():
-            return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True, **mask_kw)[0].transpose(0, 1)
-
-        if backend_name is None:
-            return attend
-        backend = getattr(SDPBackend, backend_name)
-
-        def call():
-            with sdpa_kernel([backend]):
-                return attend()
-
-        return call
-
-    return build
+    q4, k, v = _contiguous(i)
+    scale, q_len, kv_len = i["scale"], i["q_len"], i["kv_len"]
+    mask_kw = {"is_causal": True} if q_len == kv_len else {"attn_mask": causal_lower_right(q_len, kv_len)}
+    return lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True, **mask_kw)[0].transpose(0, 1)
 
 
-def _flex_builder():
-    holder: list = []
+def _flex_attend(flex, i):
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    def build(i):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    q4, k, v = _contiguous(i)
+    q_len, kv_len, scale = i["q_len"], i["kv_len"], i["scale"]
+    offset = kv_len - q_len
 
-        if not holder:
-            holder.append(torch.compile(flex_attention))
-        flex = holder[0]
-        q4, k, v = _contiguous(i)
-        q_len, kv_len, scale = i["q_len"], i["kv_len"], i["scale"]
-        offset = kv_len - q_len
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
 
-        def causal(b, h, q_idx, kv_idx):
-            return q_idx + offset >= kv_idx
-
-        mask = create_block_mask(causal, None, None, q_len, kv_len, device=q4.device)
-        return lambda: flex(q4, k, v, block_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
-
-    return build
+    mask = create_block_mask(causal, None, None, q_len, kv_len, device=q4.device)
+    return lambda: flex(q4, k, v, block_mask=mask, scale=scale, enable_gqa=True)[0].transpose(0, 1)
 
 
 def library_providers() -> list[H.Provider]:
-    note = "contiguous K/V [1,Hkv,L,D], no paging"
-    return [
-        H.Provider("sdpa", _sdpa_builder(None), "library", note=note + "; backend chosen by torch"),
-        H.Provider("sdpa_flash", _sdpa_builder("FLASH_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("sdpa_cudnn", _sdpa_builder("CUDNN_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("sdpa_efficient", _sdpa_builder("EFFICIENT_ATTENTION"), "library", requires_cuda=True, note=note),
-        H.Provider("flex_attention", _flex_builder(), "library", requires_cuda=True, note=note + "; torch.compile",
-                   costly=True),
-    ]
+    return attention_library_providers(_sdpa_attend, _flex_attend, "contiguous K/V [1,Hkv,L,D], no paging")
 
 
 def benchmarks() -> list[H.Benchmark]:
