@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness as H
-from bench import shapes as S
 
 
 def rms_norm_bytes(rows: int, hidden: int, elem: int) -> int:
@@ -32,23 +31,19 @@ def fused_add_rms_norm_bytes(rows: int, hidden: int, elem: int) -> int:
 
 def _cases(fused: bool):
     def cases(size: str, dtype: torch.dtype) -> list[H.Case]:
-        models = H.size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
-        rows_list = H.size_set(size, S.DECODE_BATCHES + S.PREFILL_TOKENS,
-                               S.QUICK_DECODE_BATCHES + S.QUICK_PREFILL_TOKENS, S.TINY_BATCHES + S.TINY_TOKENS)
         out = []
-        for m in models:
-            for rows in rows_list:
-                def make(device, rows=rows, h=m.hidden, eps=m.rms_eps):
-                    d = {"x": H.randn((rows, h), dtype, device), "weight": H.randn((h,), dtype, device, 0.1).add_(1.0),
-                         "eps": eps, "out": torch.empty((rows, h), dtype=dtype, device=device)}
-                    if fused:
-                        d["residual"] = H.randn((rows, h), dtype, device)
-                    return d
+        for m, rows in H.row_sweep(size):
+            def make(device, rows=rows, h=m.hidden, eps=m.rms_eps):
+                d = {"x": H.randn((rows, h), dtype, device), "weight": H.randn((h,), dtype, device, 0.1).add_(1.0),
+                     "eps": eps, "out": torch.empty((rows, h), dtype=dtype, device=device)}
+                if fused:
+                    d["residual"] = H.randn((rows, h), dtype, device)
+                return d
 
-                nbytes = (fused_add_rms_norm_bytes if fused else rms_norm_bytes)(rows, m.hidden, H.itemsize(dtype))
-                out.append(H.Case(label=f"{m.name} rows={rows}", group=m.name, x=rows, x_name="rows (tokens)",
-                                  params={"model": m.name, "rows": rows, "hidden": m.hidden}, make_inputs=make,
-                                  bytes_moved=nbytes, dtype=dtype))
+            nbytes = (fused_add_rms_norm_bytes if fused else rms_norm_bytes)(rows, m.hidden, H.itemsize(dtype))
+            out.append(H.Case(label=f"{m.name} rows={rows}", group=m.name, x=rows, x_name="rows (tokens)",
+                              params={"model": m.name, "rows": rows, "hidden": m.hidden}, make_inputs=make,
+                              bytes_moved=nbytes, dtype=dtype))
         return out
 
     return cases

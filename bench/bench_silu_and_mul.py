@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from bench import harness as H
-from bench import shapes as S
 
 
 def silu_and_mul_bytes(rows: int, intermediate: int, elem: int) -> int:
@@ -26,20 +25,16 @@ def silu_and_mul_bytes(rows: int, intermediate: int, elem: int) -> int:
 
 
 def cases(size: str, dtype: torch.dtype) -> list[H.Case]:
-    models = H.size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
-    rows_list = H.size_set(size, S.DECODE_BATCHES + S.PREFILL_TOKENS,
-                           S.QUICK_DECODE_BATCHES + S.QUICK_PREFILL_TOKENS, S.TINY_BATCHES + S.TINY_TOKENS)
     out = []
-    for m in models:
-        for rows in rows_list:
-            def make(device, rows=rows, inter=m.intermediate):
-                return {"x": H.randn((rows, 2 * inter), dtype, device),
-                        "out": torch.empty((rows, inter), dtype=dtype, device=device)}
+    for m, rows in H.row_sweep(size):
+        def make(device, rows=rows, inter=m.intermediate):
+            return {"x": H.randn((rows, 2 * inter), dtype, device),
+                    "out": torch.empty((rows, inter), dtype=dtype, device=device)}
 
-            out.append(H.Case(label=f"{m.name} rows={rows}", group=m.name, x=rows, x_name="rows (tokens)",
-                              params={"model": m.name, "rows": rows, "intermediate": m.intermediate},
-                              make_inputs=make, bytes_moved=silu_and_mul_bytes(rows, m.intermediate, H.itemsize(dtype)),
-                              dtype=dtype))
+        out.append(H.Case(label=f"{m.name} rows={rows}", group=m.name, x=rows, x_name="rows (tokens)",
+                          params={"model": m.name, "rows": rows, "intermediate": m.intermediate},
+                          make_inputs=make, bytes_moved=silu_and_mul_bytes(rows, m.intermediate, H.itemsize(dtype)),
+                          dtype=dtype))
     return out
 
 

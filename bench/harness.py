@@ -975,6 +975,17 @@ def size_set(size: str, full: Sequence, quick: Sequence, tiny: Sequence) -> Sequ
         raise ValueError(f"size: expected 'full', 'quick' or 'tiny', got {size!r}") from None
 
 
+def row_sweep(size: str) -> list[tuple[Any, int]]:
+    """(model, rows) of the row-wise kernels' cases (RMSNorm, SiLU-and-mul): rows are tokens, decode batches
+    then prefill chunks, at each model of the size set (`bench.shapes.ModelShape`)."""
+    from bench import shapes as S
+
+    models = size_set(size, S.MODELS, S.QUICK_ROW_MODELS, (S.TINY,))
+    rows_list = size_set(size, S.DECODE_BATCHES + S.PREFILL_TOKENS, S.QUICK_DECODE_BATCHES + S.QUICK_PREFILL_TOKENS,
+                         S.TINY_BATCHES + S.TINY_TOKENS)
+    return [(m, rows) for m in models for rows in rows_list]
+
+
 def paged_block_tables(seq_lens: Sequence[int], block_size: int, device: torch.device,
                        spare_blocks: int = 0) -> tuple[torch.Tensor, int]:
     """Block tables `[batch, max_blocks]` (int32) giving each sequence its own blocks of one shuffled pool, as a
