@@ -343,6 +343,29 @@ def test_e2e_smoke(tmp_path):
         assert data["banner"] and "NOT GPU" in (tmp_path / f"{name}.md").read_text()
 
 
+def test_cpu_bench_smoke(tmp_path):
+    """bench_cpu end to end on a tiny random checkpoint (the default model takes minutes): both systems run
+    on the same weights, give the same greedy tokens, and the JSON/markdown say it is a CPU measurement."""
+    pytest.importorskip("transformers")
+    from bench import bench_cpu
+    from checkpoints import make_hf_checkpoint
+
+    path = make_hf_checkpoint(str(tmp_path), "llama", tie_word_embeddings=True)
+    threads = torch.get_num_threads()
+    data = bench_cpu.main(["--model", path, "--reps", "2", "--new-tokens", "5", "--threads", "1",
+                           "--prompts", "chat,40", "--out", str(tmp_path / "out")])
+    assert torch.get_num_threads() == threads  # restored
+    on_disk = _strict_json(tmp_path / "out" / "cpu_decode.json")
+    assert on_disk["env"]["cpu_cores"] and on_disk["env"]["torch"] and on_disk["reps"] == 2
+    assert "CPU measurement" in (tmp_path / "out" / "cpu_decode.md").read_text()
+    rows = {(r["prompt"], r["system"]): r for r in data["rows"]}
+    assert set(rows) == {(p, s) for p in ("chat", "40") for s in ("trinfer", "transformers")}
+    for r in rows.values():
+        assert r["threads"] == 1 and r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and len(r["ttft_ms_all"]) == 2
+        assert r["tokens_equal"], r  # fp32, same weights: the same greedy tokens
+    assert rows[("chat", "trinfer")]["tok_s_ratio_median"] > 0 and rows[("chat", "trinfer")]["cold_ttft_ms"] > 0
+
+
 def test_e2e_counts():
     from bench.bench_e2e import common_prefix, step_bytes, tpot_stats
     from trinfer.runtime.config import ModelConfig
