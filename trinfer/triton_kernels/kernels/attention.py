@@ -82,6 +82,36 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
+@triton.jit
+def _attend_keys(
+    q, q_pos,               # [M, BLOCK_D] query tile (input dtype); [M] position of each row (CAUSAL only)
+    k_cache_ptr, stride_kb, stride_ks, stride_kh,
+    v_cache_ptr, stride_vb, stride_vs, stride_vh,
+    bt_ptr, stride_bt,
+    seq, kv_head,           # the sequence (its block-table row) and the KV head the tile attends to
+    lo, full_end, hi,       # keys [lo, full_end) in unmasked tiles, then [full_end, hi) in masked ones
+    kv_end,                 # keys >= kv_end are masked
+    block_size, qk_scale,
+    M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """Online softmax of the query tile over keys [lo, hi) of its sequence: (acc, l_i, m_i), unnormalized."""
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    for start_n in range(lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, kv_end,
+                                     stride_kb, stride_ks, stride_vb, stride_vs, block_size, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, kv_end,
+                                     stride_kb, stride_ks, stride_vb, stride_vs, block_size, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL)
+    return acc, l_i, m_i
+
+
 # Values that change from step to step (table width, capacity, grid bounds) are not specialized, so that a
 # growing context never triggers a recompile mid-generation (the JIT would otherwise specialize ints == 1
 # and multiples of 16).
@@ -138,25 +168,14 @@ def paged_prefill_attention_kernel(
     q_rows = (q_start + t).to(tl.int64) * stride_qt + h * stride_qh
     q = _load_rows(q_ptr, q_rows, offs_d, row_ok, HEAD_DIM, BLOCK_D, True)
 
-    k_base = k_cache_ptr + kv_head * stride_kh
-    v_base = v_cache_ptr + kv_head * stride_vh
-    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-
     # Keys before the tile's first query position are visible to every row: no mask at all.
     full_end = tl.maximum(prefix + m_tok + 1, 0) // BLOCK_N * BLOCK_N
     # Keys any row of the tile may see: up to its last real query.
     hi = tl.minimum(kv_len, prefix + tl.minimum(m_tok + TOKENS, q_len))
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, kv_len,
-                                     stride_kb, stride_ks, stride_vb, stride_vs, block_size, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, True)
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, kv_len,
-                                     stride_kb, stride_ks, stride_vb, stride_vs, block_size, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, True)
+    acc, l_i, m_i = _attend_keys(q, q_pos, k_cache_ptr, stride_kb, stride_ks, stride_kh,
+                                 v_cache_ptr, stride_vb, stride_vs, stride_vh, bt_ptr, stride_bt, seq, kv_head,
+                                 0, full_end, hi, kv_len, block_size, qk_scale,
+                                 BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, True)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row that saw no key (invalid lengths) writes zeros, not NaN
     o = (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty)
@@ -214,25 +233,15 @@ def paged_decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr + seq.to(tl.int64) * stride_qb, h * stride_qh, offs_d, g_ok, HEAD_DIM, BLOCK_D, True)
 
-    k_base = k_cache_ptr + kv_head * stride_kh
-    v_base = v_cache_ptr + kv_head * stride_vh
-    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     q_pos = tl.zeros([BLOCK_G], dtype=tl.int32)  # unused: the one query sees every key of its sequence
 
     start = split * split_tokens
     end = tl.minimum(start + split_tokens, seq_len)
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    for start_n in range(start, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, end,
-                                     stride_kb, stride_ks, stride_vb, stride_vs, block_size, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, False)
-    for start_n in range(full_end, end, BLOCK_N):  # the ragged last tile, at most one step
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, q_pos, k_base, v_base, bt_row, start_n, end,
-                                     stride_kb, stride_ks, stride_vb, stride_vs, block_size, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, False)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # then the ragged last tile, if any
+    acc, l_i, m_i = _attend_keys(q, q_pos, k_cache_ptr, stride_kb, stride_ks, stride_kh,
+                                 v_cache_ptr, stride_vb, stride_vs, stride_vh, bt_ptr, stride_bt, seq, kv_head,
+                                 start, full_end, end, end, block_size, qk_scale,
+                                 BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, False)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
