@@ -24,6 +24,22 @@ _NO_INDEX = tl.constexpr(2147483647)
 
 
 @triton.jit
+def _argmax(x, idx, mask):
+    """torch.argmax over axis 0 of a block: values `x` at indices `idx`, `mask` the real entries (others -inf).
+
+    Returns (xv, m, arg, has_nan): x with NaNs as -inf, its max, the lowest index of that max among `mask` or,
+    when x holds a NaN (it counts as the maximum), the lowest index of a NaN, and whether it does.
+    """
+    is_nan = x != x
+    first_nan = tl.min(tl.where(is_nan, idx, _NO_INDEX), axis=0)
+    xv = tl.where(is_nan, float("-inf"), x)
+    m = tl.max(xv, axis=0)
+    first_max = tl.min(tl.where(mask & (xv == m), idx, _NO_INDEX), axis=0)
+    has_nan = first_nan < _NO_INDEX
+    return xv, m, tl.where(has_nan, first_nan, first_max), has_nan
+
+
+@triton.jit
 def greedy_sample_partial_kernel(
     logits_ptr,         # [batch, vocab] fp32/fp16/bf16, last dim contiguous
     logits_row_stride,  # elements between rows of logits
@@ -40,16 +56,11 @@ def greedy_sample_partial_kernel(
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = cols < vocab
     x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    is_nan = x != x
-    first_nan = tl.min(tl.where(is_nan, cols, _NO_INDEX), axis=0)
-    xv = tl.where(is_nan, float("-inf"), x)
-    m = tl.max(xv, axis=0)
-    # Lowest index holding the max; the mask keeps out-of-range -inf padding out of an all -inf chunk.
-    first_max = tl.min(tl.where(mask & (xv == m), cols, _NO_INDEX), axis=0)
-    has_nan = first_nan < _NO_INDEX
+    # The mask keeps out-of-range -inf padding out of the index of an all -inf chunk.
+    xv, m, arg, has_nan = _argmax(x, cols, mask)
     out = row * n_chunks + chunk
     tl.store(part_max_ptr + out, tl.where(has_nan, float("nan"), m))
-    tl.store(part_idx_ptr + out, tl.where(has_nan, first_nan, first_max))
+    tl.store(part_idx_ptr + out, arg)
     if WITH_LOGPROBS:
         m_safe = tl.where(tl.abs(m) == float("inf"), 0.0, m)
         tl.store(part_sum_ptr + out, tl.sum(tl.exp(xv - m_safe), axis=0))
@@ -74,14 +85,10 @@ def greedy_sample_reduce_kernel(
     base = row * n_chunks
     pm = tl.load(part_max_ptr + base + c, mask=mask, other=float("-inf"))
     pi = tl.load(part_idx_ptr + base + c, mask=mask, other=_NO_INDEX)
-    nan_chunk = pm != pm
-    first_nan = tl.min(tl.where(nan_chunk, pi, _NO_INDEX), axis=0)
-    pmv = tl.where(nan_chunk, float("-inf"), pm)
-    big = tl.max(pmv, axis=0)
-    # Chunks hold increasing index ranges, so the lowest index among tied chunk maxima is the row's first max.
-    best = tl.min(tl.where(mask & (pmv == big), pi, _NO_INDEX), axis=0)
-    has_nan = first_nan < _NO_INDEX
-    tl.store(ids_ptr + row * ids_stride, tl.where(has_nan, first_nan, best).to(tl.int64))
+    # Chunks hold increasing index ranges, so the lowest index among tied chunk maxima is the row's first max
+    # (and the lowest index of a NaN chunk the row's first NaN).
+    pmv, big, arg, has_nan = _argmax(pm, pi, mask)
+    tl.store(ids_ptr + row * ids_stride, arg.to(tl.int64))
     if WITH_LOGPROBS:
         ps = tl.load(part_sum_ptr + base + c, mask=mask, other=0.0)
         big_safe = tl.where(tl.abs(big) == float("inf"), 0.0, big)
