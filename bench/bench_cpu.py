@@ -37,6 +37,7 @@ if __package__ in (None, ""):
 import torch
 
 from bench import harness as H
+from bench.bench_e2e import common_prefix
 
 SYSTEMS = ("trinfer", "transformers")
 DEFAULT_OUT = H.REPO_ROOT / "bench" / "results" / "cpu"
@@ -142,15 +143,6 @@ def timing(start: float, times: list[float]) -> dict[str, float | None]:
     ttft = times[0] - start if times else None
     tps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
     return {"ttft_ms": ttft * 1e3 if ttft is not None else None, "decode_tok_s": tps}
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _median(xs: list[float | None]) -> float | None:
