@@ -104,3 +104,14 @@ def kernel_backend(request):
     if module is None:
         pytest.skip(f"CUDA C++ backend: {reason}")
     return module
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> str:
+    """Path of the default model's GGUF (SmolLM2-135M-Instruct), or skip when its package is not installed."""
+    from trinfer.runtime.default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(f"default model not installed: {exc}")

@@ -11,17 +11,7 @@ from trinfer.cli import build_parser, main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def default_model_path():
-    from trinfer.runtime.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except (FileNotFoundError, ImportError) as e:
-        pytest.skip(f"default model not installed: {e}")
-
-
-def test_generate_chat_answers_paris(default_model_path):
+def test_generate_chat_answers_paris(default_gguf):
     """`python -m trinfer generate --chat ...` in a fresh process: the default model, torch backend on the CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(

@@ -260,16 +260,6 @@ def test_progress_bar_goes_to_stderr_after_a_second(monkeypatch, llama_dir):
 
 
 @pytest.fixture(scope="module")
-def default_gguf():
-    from trinfer.runtime.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def default_loaded(default_gguf):
     return load(default_gguf)
 

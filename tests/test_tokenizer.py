@@ -37,16 +37,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def default_gguf():
-    from trinfer.runtime.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def tok(default_gguf):
     gguf_file = read_gguf(default_gguf)
     try:
