@@ -52,6 +52,32 @@ def test_can_allocate_and_append_when_full():
         bm.allocate(a)
 
 
+def test_can_append_boundary_both_ways():
+    """Zero free blocks: a sequence whose every token already has a slot can still append (its newest token's
+    slot exists); one token more needs a block it cannot get. Checked at a full block and mid-block."""
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a, b = seq(8, 0), seq(3, 1)  # a: two full blocks; b: 3 of 4 slots of one block
+    bm.allocate(a)
+    bm.allocate(b)
+    assert bm.num_free_blocks == 0
+    assert bm.can_append(a) and bm.can_append(b)  # exact fit: 8 tokens in 8 slots, 3 in 4
+    bm.append(a)  # takes nothing
+    assert len(a.block_table) == 2 and bm.num_free_blocks == 0
+    b.append_token(3, 0.0, 0.0)  # b: 4 tokens in 4 slots, still no block needed
+    assert bm.can_append(b)
+    bm.append(b)
+    assert len(b.block_table) == 1 and bm.num_free_blocks == 0
+    for s in (a, b):  # one more token each: slot 9 of 8 / 5 of 4
+        s.append_token(3, 0.0, 0.0)
+        assert not bm.can_append(s)
+    bm.free(b)  # one block free: exactly one of them can grow
+    assert bm.can_append(a)
+    bm.append(a)
+    assert len(a.block_table) == 3 and bm.num_free_blocks == 0
+    a.append_token(3, 0.0, 0.0)  # 10 tokens in 12 slots
+    assert bm.can_append(a)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_sizes(bad):
     with pytest.raises(ValueError, match="num_blocks"):

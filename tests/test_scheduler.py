@@ -107,6 +107,61 @@ def test_preempts_newest_and_readmits_first():
     check_invariants(sched)
 
 
+def test_three_running_the_oldest_needs_a_block_the_newest_is_preempted():
+    """a, b, c running (admitted in that order), no free block, a needs one: c (the newest) is preempted, not b
+    and not a; c waits at the front of the queue (before a later arrival) and is readmitted, recomputing its
+    prompt + generated tokens, at the first step whose free blocks hold it."""
+    sched = make(num_blocks=6, block_size=4)
+    a, b, c = seq("a", 8), seq("b", 5), seq("c", 6)
+    for s in (a, b, c):
+        sched.add(s)
+    step = sched.schedule()
+    assert step.prefill == [a, b, c] and sched.block_manager.num_free_blocks == 0
+    fake_run(step)  # a: 9 tokens in 2 blocks (needs a 3rd); b: 6 and c: 7 tokens fit their 2 blocks
+    step = sched.schedule()
+    assert step.preempted == [c] and step.decode == [a, b] and step.prefill == []
+    assert [s.num_preemptions for s in (a, b, c)] == [0, 0, 1] and sched.num_preemptions == 1
+    assert sched.running == [a, b] and list(sched.waiting) == [c] and c.block_table == []
+    assert sched.block_manager.num_free_blocks == 1  # c's 2 blocks freed, 1 taken by a; c (7 tokens) needs 2
+    check_invariants(sched)
+    fake_run(step)
+    d = seq("d", 1)
+    sched.add(d)  # arrives after c's preemption: waits behind c (no overtaking, though d alone would fit)
+    step = sched.schedule()
+    assert step.decode == [a, b] and step.prefill == [] and step.preempted == []
+    assert list(sched.waiting) == [c, d]
+    fake_run(step)  # a: 11 tokens, b: 8 tokens (both still fit)
+    sched.finish(b)  # 2 blocks back: 3 free
+    step = sched.schedule()
+    assert step.decode == [a] and step.prefill == [c, d] and step.preempted == []
+    assert c.num_tokens == 7 and c.num_output_tokens == 1 and len(c.block_table) == 2  # recomputed with its output
+    assert sched.running == [a, c, d] and not sched.waiting
+    check_invariants(sched)
+
+
+def test_preempts_the_newest_ones_in_turn_and_keeps_their_order():
+    """Four running sequences of one full block each, none free, all need a block: a's need preempts d, b's
+    preempts c; both wait in arrival order (c before d) and come back in that order as blocks free up."""
+    sched = make(num_blocks=4, block_size=4)
+    a, b, c, d = (seq(r, 4) for r in "abcd")
+    for s in (a, b, c, d):
+        sched.add(s)
+    fake_run(sched.schedule())  # every sequence: 5 tokens in 1 block
+    step = sched.schedule()
+    assert step.preempted == [d, c] and step.decode == [a, b]
+    assert list(sched.waiting) == [c, d] and sched.num_preemptions == 2
+    check_invariants(sched)
+    fake_run(step)
+    sched.finish(a)  # 2 blocks free: c (5 tokens, 2 blocks) fits, d must wait for it
+    step = sched.schedule()
+    assert step.prefill == [c] and step.decode == [b] and list(sched.waiting) == [d]
+    fake_run(step)
+    sched.finish(b)
+    step = sched.schedule()
+    assert step.prefill == [d] and step.decode == [c]
+    check_invariants(sched)
+
+
 def test_preempts_itself_when_alone_blocks_are_short():
     sched = make(num_blocks=3, block_size=2)
     a, b = seq("a", 2), seq("b", 4)
