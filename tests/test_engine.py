@@ -72,6 +72,43 @@ def test_preemption_gives_the_same_tokens(loaded, alone):
     assert eng.scheduler.block_manager.num_free_blocks == 16
 
 
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_scripted_preemptions_exact(loaded, async_decode):
+    """Six blocks of 4 tokens; A (8 prompt tokens), B (6) and C (7) arrive together, 6 new tokens each. Worked by
+    hand from the scheduler's policy (when a block is short the newest running sequence is preempted; a sequence
+    whose newest token already has a slot needs no block; a preempted one is readmitted first, when it fits):
+        step 1  prefill A B C: 2 + 2 + 2 blocks, none free; A has 9 tokens, B 7, C 8
+        step 2  A needs a block: C (the newest, not B) is preempted; A takes 1 of its 2; C (8 tokens) waits
+        step 3  A, B decode (B: 8 tokens in 8 slots)
+        step 4  B takes the last free block
+        step 5  A: 12 tokens in 12 slots, none free: no block needed, nobody preempted
+        step 6  A needs a block: B (the newest) is preempted; A ends (6 tokens); B (11 tokens) does not fit yet
+        step 7  B and C readmitted (3 + 2 blocks); B ends
+        8-11    C decodes and ends
+    So 2 preemptions: B's after its 5th token, C's after its 1st. The synchronous loop's outputs follow that
+    schedule step by step; the pipelined loop runs the same steps (its outputs come a step later)."""
+    eng = engine(loaded, num_kv_blocks=6, async_decode=async_decode)
+    prompts = {"A": [1] + list(range(20, 27)), "B": [1, 40, 41, 42, 43, 44], "C": [1, 60, 61, 62, 63, 64, 65]}
+    for rid, prompt in prompts.items():
+        eng.add_request(prompt, max_new_tokens=6, ignore_eos=True, request_id=rid)
+    steps, final, seen = [], {}, {r: [] for r in prompts}
+    while eng.has_unfinished():
+        outs = eng.step()
+        steps.append("".join(sorted(o.request_id for o in outs)))
+        for o in outs:  # each request's preemptions so far, at each of its tokens
+            seen[o.request_id].append(o.num_preemptions)
+            if o.finished:
+                final[o.request_id] = o
+        assert len(steps) < 40
+    assert eng.num_preemptions == 2
+    assert seen == {"A": [0] * 6, "B": [0] * 5 + [1], "C": [0] + [1] * 5}
+    assert all(len(o.token_ids) == 6 and o.finish_reason == "length" for o in final.values())
+    if not async_decode:
+        assert steps == ["ABC", "AB", "AB", "AB", "AB", "A", "BC", "C", "C", "C", "C"]
+    bm = eng.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_max_num_seqs_one_gives_the_same_tokens(loaded, alone):
     eng = engine(loaded, max_num_seqs=1, block_size=8)
     assert run_staggered(eng) == alone
