@@ -1,5 +1,7 @@
 """The engine on small random-weight checkpoints (torch backend, CPU): continuous batching and preemption
 leave every request's tokens unchanged, stops, streaming, timings, abort, bad inputs, two engines at once."""
+import itertools
+
 import pytest
 import torch
 
@@ -227,6 +229,93 @@ def test_engine_argument_errors(loaded):
         engine(loaded, block_size=0)
     with pytest.raises(FileNotFoundError):
         Engine("/nonexistent/model", backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stop strings across token boundaries: the random model with its real (byte-level BPE) tokenizer.
+
+STOP_PROMPTS = ["The capital of France is", "def generate(model", "What is the weather like today?"]
+
+
+def _stream(eng) -> dict:
+    """Run to the end; {request id: (deltas, final output)}. Checks on the way that the concatenated deltas of a
+    request never hold text past its final text, and equal it in the end."""
+    deltas, final = {}, {}
+    for out in eng.run_until_done():
+        deltas.setdefault(out.request_id, []).append(out.delta_text)
+        if out.finished:
+            final[out.request_id] = out
+    for rid, out in final.items():
+        for streamed in itertools.accumulate(deltas[rid]):
+            assert out.text.startswith(streamed), (rid, streamed, out.text)
+        assert "".join(deltas[rid]) == out.text
+    assert deltas.keys() == final.keys()
+    return {rid: (deltas[rid], final[rid]) for rid in final}
+
+
+def _stops_across_boundaries(pieces: list[str]) -> dict[str, str]:
+    """Stop strings cut from the text a stop-free request streamed (`pieces`: its deltas; a boundary is where
+    one ends), each first occurring across a boundary, printable:
+        tail+head       the last characters of one piece and the first of the next
+        prefix earlier  all but its last character already occurred, ending at a boundary (so a prefix of it
+                        was held back there and had to be released), before the stop itself
+        long            one whole piece of 2+ characters with a character of each neighbour (3 pieces)"""
+    text = "".join(pieces)
+    bounds = sorted({e for e in itertools.accumulate(map(len, pieces)) if 0 < e < len(text)})
+
+    def first_at(s, p):
+        return text.find(s) == p and s.isprintable()
+
+    def crosses(p, n):
+        return any(p < b < p + n for b in bounds)
+
+    found = {}
+    for b in bounds[len(bounds) // 3:]:  # not at the very start
+        for a, c in ((2, 2), (1, 2), (2, 1), (3, 3), (1, 1)):
+            s = text[b - a: b + c]
+            if "tail+head" not in found and first_at(s, b - a) and sum(b - a < x < b + c for x in bounds) == 1:
+                found["tail+head"] = s
+    for p, n in itertools.product(range(len(text)), range(3, 12)):
+        s = text[p: p + n]
+        q = text.find(s[:-1])
+        if ("prefix earlier" not in found and len(s) == n and first_at(s, p) and crosses(p, n) and 0 <= q < p
+                and q + n - 1 in bounds):
+            found["prefix earlier"] = s
+    for b0, b1 in zip(bounds, bounds[1:]):
+        s = text[b0 - 1: b1 + 1]
+        if "long" not in found and b1 - b0 >= 2 and first_at(s, b0 - 1):
+            found["long"] = s
+    return found
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_stop_strings_across_token_boundaries(loaded, async_decode):
+    """Stops that span token boundaries end the text right before their first occurrence, after exactly the
+    tokens that complete them, and no streamed delta ever holds text past the final text. Expected values come
+    from the same prompts run without stops (whose text is the tokenizer's decode of their tokens) and str.find."""
+    eng = engine(loaded, async_decode=async_decode)
+    for prompt in STOP_PROMPTS:
+        eng.add_request(prompt, max_new_tokens=32, ignore_eos=True, request_id=prompt)
+    free = _stream(eng)
+    cases = []
+    for prompt in STOP_PROMPTS:
+        pieces, out = free[prompt]
+        assert out.text == loaded.tokenizer.decode(out.token_ids) and len(out.token_ids) == 32
+        cases += [(prompt, kind, stop) for kind, stop in _stops_across_boundaries(pieces).items()]
+    assert {kind for _, kind, _ in cases} == {"tail+head", "prefix earlier", "long"}, cases
+    for i, (prompt, _, stop) in enumerate(cases):
+        eng.add_request(prompt, max_new_tokens=32, stop=[stop], ignore_eos=True, request_id=i)
+    got = _stream(eng)
+    for i, (prompt, kind, stop) in enumerate(cases):
+        pieces, ref = free[prompt]
+        cut = ref.text.find(stop)
+        ends = list(itertools.accumulate(map(len, pieces)))
+        n_tokens = next(k for k, e in enumerate(ends) if e >= cut + len(stop)) + 1  # the token completing the stop
+        out = got[i][1]
+        assert (out.finish_reason, out.text) == ("stop", ref.text[:cut]), (kind, stop)
+        assert out.token_ids == ref.token_ids[:n_tokens], (kind, stop)
+    bm = eng.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
 
 
 # ---------------------------------------------------------------------------------------------------------
