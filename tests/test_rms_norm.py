@@ -65,6 +65,51 @@ def test_fused_add_rms_norm(shape, dtype, device, kernel_backend):
     assert_close(got, expected, dtype)
 
 
+def _eps_rows(n, eps, dtype, device):
+    """Rows where eps matters or the squares are large, rounded to dtype: mean squares of 0.1, 1 and 10 times
+    eps, an all-zero row, a row of magnitude ~1, and a very large row (|x| up to ~6e4 in fp16, whose squares
+    overflow fp16; ~1e15 in bf16/fp32)."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for ms in (0.1 * eps, eps, 10 * eps):
+        r = torch.randn(n, generator=g, dtype=torch.float64)
+        rows.append(r * (ms / r.pow(2).mean()).sqrt())
+    rows.append(torch.zeros(n, dtype=torch.float64))
+    rows.append(torch.randn(n, generator=g, dtype=torch.float64))
+    big, limit = (2e4, 6e4) if dtype == torch.float16 else (1e15, 1e16)
+    rows.append((torch.randn(n, generator=g, dtype=torch.float64) * big).clamp(-limit, limit))
+    return torch.stack(rows).to(dtype).to(device)
+
+
+def _rms_norm_fp64(x, w, eps):
+    """`w * x / sqrt(mean(x^2) + eps)` in float64 (no intermediate rounding): the ideal the kernels round."""
+    h = x.double()
+    return w.double() * h / (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+@pytest.mark.parametrize("fused", [False, True])
+def test_eps_and_large_values_against_fp64(fused, eps, dtype, device, kernel_backend):
+    """eps is no detail here (rows with mean square 0.1, 1, 10 eps; a zero row, which without eps is 0/0), and
+    the sum of squares of a very large row must not overflow. fused: residual + x is exactly the row."""
+    n = 1000
+    x = _eps_rows(n, eps, dtype, device)
+    w = (1 + 0.5 * torch.randn(n, device=device)).to(dtype)
+    out = poisoned(x.shape, dtype, device)
+    if fused:
+        half = (x.double() / 2).to(dtype)
+        res = x.double() - half.double()
+        assert torch.equal(half.double() + res.to(dtype).double(), x.double())  # the add is exact
+        res = res.to(dtype)
+        got = kernel_backend.fused_add_rms_norm(half, res, w, eps, out=out)
+        assert torch.equal(res, x), "residual"
+    else:
+        got = kernel_backend.rms_norm(x, w, eps, out=out)
+    assert_close(got, _rms_norm_fp64(x, w, eps), dtype)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))  # the zero row
+
+
 def test_empty_batch_launches_nothing(device, kernel_backend):
     x = torch.empty(0, 64, device=device)
     w = torch.ones(64, device=device)
