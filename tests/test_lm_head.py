@@ -34,6 +34,38 @@ def test_matches_reference(batch, hidden, vocab, dtype, device):
     assert torch.equal(lm_head_greedy(h, w), ids)
 
 
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype`'s numbers at |x| (float64)."""
+    return torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(dtype).tiny))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, hidden, vocab", [(70, 96, 300)])
+def test_chosen_logit_is_the_fp64_maximum_within_rounding(batch, hidden, vocab, dtype, device):
+    """Against float64 logits (not the kernel's own reference): in every row, for the ids-only path and the
+    log-probability path alike, the chosen id's exact logit is the maximum up to the kernel's rounding of the
+    logits to dtype (each rounded logit within one ulp of the exact one, interpreter truncation included: two
+    ulps of the maximum) plus the fp32 accumulation error; the log-probability is the float64 log-softmax at
+    that id within the same rounding. So a kernel that drops or misreads part of the dot product fails."""
+    h, w = _inputs(batch, hidden, vocab, dtype, device)
+    logits = h.double().cpu() @ w.double().cpu().T
+    best = logits.max(1).values
+    acc = hidden * 2.0 ** -24 * (h.double().abs().cpu() @ w.double().abs().cpu().T).max(1).values  # fp32 sums
+    rounding = 0 if dtype == torch.float32 else 1
+    slack = 2 * rounding * _ulp(best, dtype) + 2 * acc
+    ids_only = lm_head_greedy(h, w)
+    ids, lps = lm_head_greedy(h, w, return_logprobs=True)
+    for name, got in (("ids-only", ids_only), ("with logprobs", ids)):
+        chosen = logits.gather(1, got.cpu().view(-1, 1)).squeeze(1)
+        short = best - chosen
+        assert torch.all(short <= slack), f"{name}: rows {(short > slack).nonzero().flatten().tolist()} short by " \
+                                          f"{short[short > slack].tolist()} (slack {slack[short > slack].tolist()})"
+    lp64 = logits.log_softmax(1).gather(1, ids.cpu().view(-1, 1)).squeeze(1)
+    amax = logits.abs().max(1).values
+    lp_slack = 2 * rounding * _ulp(amax, dtype) + 2 * acc + 1e-5  # + fp32 exp/log
+    assert torch.all((lps.double().cpu() - lp64).abs() <= lp_slack), (lps.double().cpu() - lp64).abs().max()
+
+
 def test_fp32_exact_ids_against_unfused_kernels(device):
     h, w = _inputs(5, 64, 700, torch.float32, device)
     ids = lm_head_greedy(h, w)
