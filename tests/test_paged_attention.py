@@ -470,14 +470,18 @@ def test_decode_validate(lens, table_fix, kwargs, exc, words, kernel_backend):
 
 
 def test_lengths_past_the_table_are_clamped_without_validate(device, kernel_backend):
-    """Without validate the kernels never read past a sequence's table, even when a length lies."""
-    batch = make_paged_batch([20, 7], 2, 64, torch.float16, device, extra_table_cols=0)
+    """Without validate the kernels never read past a sequence's table, even when a length lies: the lying
+    length is clamped to the table's capacity. Sequence 0 fills its table (2 blocks of 16 tokens) exactly, so its
+    output is attention over those 32 tokens; the honest sequence is unaffected."""
+    batch = make_paged_batch([32, 7], 2, 64, torch.float16, device, extra_table_cols=0)
+    assert batch.block_tables.shape[1] * batch.block_size == 32
     q = _q(2, 4, 64, torch.float16, device)
     lying = torch.tensor([10 ** 6, 7], dtype=torch.int32, device=device)
     out = kernel_backend.paged_decode_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, lying, 0.1,
-                                                split_tokens=16)
+                                                split_tokens=16, out=poisoned(q.shape, torch.float16, device))
     expected = paged_decode_attention_ref(q, batch.k_cache, batch.v_cache, batch.block_tables, batch.kv_lens, 0.1)
-    assert_close(out[1], expected[1], torch.float16)  # the honest sequence is unaffected
+    assert_close(out[0], expected[0], torch.float16, name="the lying sequence (clamped)")
+    assert_close(out[1], expected[1], torch.float16, name="the honest sequence")
 
 
 # --------------------------------------------------------------------------------------------------------

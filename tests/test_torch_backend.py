@@ -1,7 +1,9 @@
 """The `torch` backend's lean ops (trinfer/runtime/torch_backend.py) equal the references they stand for.
 
 fp32 elementwise ops (rms_norm, fused_add_rms_norm, silu_and_mul, rotary + KV write) must be bit for bit the
-reference's; other dtypes go to the reference itself. Attention runs the same fp32 math with other matrix-product
+reference's; other dtypes go to the reference itself, so there a comparison with the reference would compare it
+with itself: every dtype is compared, bit for bit, with Hugging Face's own computation instead (LlamaRMSNorm,
+LlamaMLP's `act_fn(gate) * up`, apply_rotary_pos_emb, run in the dtype, and the cache written slot by slot). Attention runs the same fp32 math with other matrix-product
 shapes (and torch's SDPA for prefill), so it is compared with the fp32 tolerance, on poisoned paged caches
 (shuffled and consecutive block tables, ragged and zero lengths, stale table entries). prepare_matrix only
 changes strides.
@@ -38,23 +40,41 @@ def test_the_torch_backend_runs_these_ops():
         T.paged_decode_attention, T.prepare_matrix)
 
 
+def _hf_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(x.shape[-1], eps=eps).to(x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        return norm(x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 576), (7, 64), (3, 5, 33)])
-def test_norms_equal_the_references(dtype, shape):
+def test_norms_equal_hf_and_the_references(dtype, shape):
     x = torch.randn(shape).to(dtype)
     w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
-    _same(T.rms_norm(x, w, 1e-5, validate=True), R.rms_norm_ref(x, w, 1e-5))
+    got = T.rms_norm(x, w, 1e-5, validate=True)
+    _same(got, _hf_rms_norm(x, w, 1e-5))
+    _same(got, R.rms_norm_ref(x, w, 1e-5))
     r1 = torch.randn(shape).to(dtype)
-    r2 = r1.clone()
-    _same(T.fused_add_rms_norm(x, r1, w, 1e-6), R.fused_add_rms_norm_ref(x, r2, w, 1e-6))
-    _same(r1, r2)  # the residual, updated in place
+    r2, r3 = r1.clone(), r1.clone()
+    got = T.fused_add_rms_norm(x, r1, w, 1e-6)
+    r3 = r3 + x  # the decoder layer's `residual + hidden_states`, in the dtype
+    _same(got, _hf_rms_norm(r3, w, 1e-6))
+    _same(r1, r3)  # the residual, updated in place
+    _same(got, R.fused_add_rms_norm_ref(x, r2, w, 1e-6))
+    _same(r1, r2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 3072), (5, 2 * 97)])
-def test_silu_and_mul_equals_the_reference(dtype, shape):
+def test_silu_and_mul_equals_hf_and_the_reference(dtype, shape):
     x = (3 * torch.randn(shape)).to(dtype)
-    _same(T.silu_and_mul(x), R.silu_and_mul_ref(x))
+    got = T.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    _same(got, F.silu(gate) * up)  # LlamaMLP: act_fn(gate_proj(x)) * up_proj(x), in the dtype
+    _same(got, R.silu_and_mul_ref(x))
 
 
 def _qkv(T_, hq, hk, d, dtype):
@@ -69,7 +89,7 @@ def _qkv(T_, hq, hk, d, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("fused", [True, False])  # q and k adjacent in one buffer (rotated as one view) or not
-def test_rotary_write_kv_cache_equals_the_reference(dtype, pad, fused):
+def test_rotary_write_kv_cache_equals_hf_and_the_reference(dtype, pad, fused):
     hq, hk, d, bs, nblocks = 9, 3, 64, 4, 6
     rope = build_rope_cache(d, 64, 100000.0)
     qkv, q, k, v = _qkv(5, hq, hk, d, dtype)
@@ -84,11 +104,27 @@ def test_rotary_write_kv_cache_equals_the_reference(dtype, pad, fused):
     q2, k2, v2 = (qkv2.as_strided(t.shape, t.stride(), t.storage_offset()) for t in (q, k, v))
     positions = torch.tensor([0, 7, 8, 31, 63])
     slots = torch.tensor([3, 17, -1, 0, 23] if pad else [3, 17, 9, 0, 23])
-    caches = [torch.full((nblocks, bs, hk, d), float("nan")).to(dtype) for _ in range(4)]
+    # Hugging Face's rotation in the dtype (cos/sin as LlamaRotaryEmbedding returns them: [T, D], the dtype).
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    half = d // 2
+    rows = rope[positions]
+    cos = torch.cat([rows[:, :half], rows[:, :half]], dim=-1).to(dtype)
+    sin = torch.cat([rows[:, half:], rows[:, half:]], dim=-1).to(dtype)
+    q_hf, k_hf = apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin, unsqueeze_dim=1)
+    v_hf = v.clone()
+    caches = [torch.full((nblocks, bs, hk, d), float("nan")).to(dtype) for _ in range(6)]
+    for t, slot in enumerate(slots.tolist()):  # the cache written token by token
+        if slot >= 0:
+            caches[4][slot // bs, slot % bs] = k_hf[t]
+            caches[5][slot // bs, slot % bs] = v_hf[t]
     T.rotary_write_kv_cache(q, k, v, positions, rope, caches[0], caches[1], slots, validate=True)
     R.rotary_write_kv_cache_ref(q2, k2, v2, positions, rope, caches[2], caches[3], slots)
+    _same(q, q_hf)
+    _same(k, k_hf)
+    _same(v, v_hf)
     _same(qkv, qkv2)  # q and k rotated in place, v untouched
-    for a, b in ((caches[0], caches[2]), (caches[1], caches[3])):
+    for a, b in ((caches[0], caches[2]), (caches[1], caches[3]), (caches[0], caches[4]), (caches[1], caches[5])):
         assert torch.equal(a.isnan(), b.isnan())  # the same slots written (-1: none)
         _same(a.nan_to_num(), b.nan_to_num())
 
