@@ -3,6 +3,7 @@
     trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat] [--stream] [--stop S]
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
                      [--device cpu|cuda] [--no-cuda-graphs]
+    trinfer serve [--model PATH] [--host 127.0.0.1] [--port 8000] [engine options] [--max-num-seqs N] ...
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
 
 Each command is a pair of functions: `_add_<command>(subparsers)` declares its arguments and
@@ -15,19 +16,10 @@ import argparse
 import sys
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="greedily continue a prompt (or answer it with --chat)",
-                       description="Greedy generation with a Llama-family model; the answer goes to stdout, "
-                                   "timings to stderr.")
-    p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+def _add_engine_options(p) -> None:
+    """The model and engine options that `generate` and `serve` share."""
     p.add_argument("--model", default=None,
                    help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct, offline)")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template (prompt as a user message)")
-    p.add_argument("--stream", action="store_true", help="print the text as it is decoded")
-    p.add_argument("--stop", action="append", default=None, metavar="S",
-                   help="stop when the text contains S (repeatable); S is not printed")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="compute dtype (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--backend", default=None, metavar="NAME",
@@ -43,6 +35,32 @@ def _add_generate(sub) -> None:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the decode step from CUDA graphs captured at start-up (CUDA with the triton or cuda "
                         "backend; default on); --no-cuda-graphs runs every step eagerly")
+
+
+def _engine_kwargs(args) -> dict:
+    """Engine/LLM keyword arguments from `_add_engine_options`' flags; sets torch's CPU threads (--threads)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return dict(dtype=args.dtype, backend=args.backend, device=args.device, block_size=args.block_size,
+                num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="greedily continue a prompt (or answer it with --chat)",
+                       description="Greedy generation with a Llama-family model; the answer goes to stdout, "
+                                   "timings to stderr.")
+    p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template (prompt as a user message)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is decoded")
+    p.add_argument("--stop", action="append", default=None, metavar="S",
+                   help="stop when the text contains S (repeatable); S is not printed")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    _add_engine_options(p)
     p.add_argument("--quiet", action="store_true", help="no timings on stderr")
 
 
@@ -50,15 +68,9 @@ def _run_generate(args) -> int:
     from trinfer.runtime import LLM, SamplingParams
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    engine_kwargs = _engine_kwargs(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, dtype=args.dtype, backend=args.backend, device=args.device, max_num_seqs=1,
-              block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs)
+    llm = LLM(args.model, max_num_seqs=1, **engine_kwargs)
 
     def stream(out):
         if out.delta_text:
@@ -81,6 +93,54 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+                       description="Serve the model over OpenAI's HTTP API (streaming, cancellable, bounded); "
+                                   "stops gracefully on SIGTERM/SIGINT.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send (default: the model file or directory name, without .gguf)")
+    _add_engine_options(p)
+    p.add_argument("--max-num-seqs", type=int, default=32, metavar="N", help="most requests decoded at once (32)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context length (default: the model's)")
+    p.add_argument("--max-waiting", type=int, default=64, metavar="N",
+                   help="requests that may wait beyond the running ones; more get 429 with Retry-After (64)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                   help="abort a request S seconds after it arrives (600; 0: never)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="N",
+                   help="larger request bodies get 413 (4 MiB)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="S",
+                   help="on SIGTERM/SIGINT, requests in flight may run S seconds more before they are aborted (5)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (info)")
+
+
+def _run_serve(args) -> int:
+    import os
+
+    from trinfer.runtime import Engine
+    from trinfer.server import ServerConfig, build_app, serve
+    from trinfer.server.serve import bind
+
+    if args.served_model_name is not None:
+        name = args.served_model_name
+    else:
+        from trinfer.runtime.default_model import default_model_path
+
+        path = args.model if args.model is not None else default_model_path()
+        name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
+    config = ServerConfig(model_name=name, max_waiting=args.max_waiting,
+                          request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
+                          shutdown_grace=args.shutdown_grace)
+    bind(args.host, args.port).close()  # a bad --host/--port fails now, not after loading the model
+    engine = Engine(args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                    **_engine_kwargs(args))
+    serve(build_app(engine, config), args.host, args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_profile(sub) -> None:
     from trinfer import profiler
 
@@ -95,7 +155,8 @@ def _run_profile(args) -> int:
     return profiler.run_cli(args)
 
 
-_COMMANDS = (("generate", _add_generate, _run_generate), ("profile", _add_profile, _run_profile))
+_COMMANDS = (("generate", _add_generate, _run_generate), ("serve", _add_serve, _run_serve),
+             ("profile", _add_profile, _run_profile))
 
 
 def build_parser() -> argparse.ArgumentParser:
