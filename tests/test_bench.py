@@ -393,3 +393,26 @@ def test_host_overhead_suite_runs():
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "15 passed" in proc.stdout
+
+
+def test_bench_serve_end_to_end(tmp_path):
+    """bench_serve on a tiny random checkpoint: a real `trinfer serve` subprocess, two concurrency levels and the
+    interleaved HTTP-vs-direct part; both paths give the same text and the server exits 0 on SIGTERM."""
+    pytest.importorskip("httpx")
+    from bench import bench_serve
+    from checkpoints import make_hf_checkpoint
+
+    path = make_hf_checkpoint(str(tmp_path), "llama")
+    threads = torch.get_num_threads()
+    data = bench_serve.main(["--model", path, "--concurrency", "1,3", "--reps", "1", "--overhead-reps", "1",
+                             "--max-tokens", "4", "--out", str(tmp_path / "out")])
+    assert torch.get_num_threads() == threads  # restored
+    on_disk = _strict_json(tmp_path / "out" / "serve.json")
+    assert on_disk["server_exit_status"] == 0 and on_disk["env"]["cpu_cores"]
+    assert "CPU measurement" in (tmp_path / "out" / "serve.md").read_text()
+    assert [r["concurrency"] for r in data["sweep"]] == [1, 3]
+    assert [r["requests"] for r in data["sweep"]] == [2, 6]
+    for r in data["sweep"]:
+        assert r["tok_s"] > 0 and r["ttft"]["p50"] > 0 and r["tokens_all"][0] >= r["requests"]
+    over = data["overhead"]
+    assert over["texts_equal"] and over["http"]["ttft_ms"] > 0 and over["direct"]["ttft_ms"] > 0
