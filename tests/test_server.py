@@ -413,12 +413,17 @@ def test_32_concurrent_streams_match_offline_and_metrics_agree(server, llm, http
 
 
 # ------------------------------------------------------------------------------------------------ cancellation
-def test_killed_client_frees_its_blocks(server, http):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_killed_client_frees_its_blocks(server, http, stream):
     before = settled(http)
     sock = raw_request(server.host, server.port, "/v1/completions",
-                       {"model": MODEL, "prompt": COUNTING, "max_tokens": 900, "stream": True})
+                       {"model": MODEL, "prompt": COUNTING, "max_tokens": 900, "stream": stream})
     try:
-        recv_until(sock, b"data: ", 3)
+        if stream:
+            recv_until(sock, b"data: ", 3)
+        else:  # nothing comes back before the end: wait until it generates
+            wait_for(lambda: metric(scrape(http), "trinfer_generation_tokens_total")
+                     > metric(before, "trinfer_generation_tokens_total") + 2, what="tokens")
         assert metric(scrape(http), "trinfer_kv_cache_blocks_used") > 0  # it holds blocks while it runs
     finally:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST, as a kill
@@ -427,6 +432,27 @@ def test_killed_client_frees_its_blocks(server, http):
     reason = ("trinfer_requests_finished_total", (("reason", "disconnect"),))
     assert after.get(reason, 0) - before.get(reason, 0) == 1
     assert metric(after, "trinfer_generation_tokens_total") - metric(before, "trinfer_generation_tokens_total") < 900
+
+
+def test_engine_failure_fails_its_requests_and_the_server_goes_on(server, http, monkeypatch):
+    engine = server.app.state.trinfer.engine
+    before = settled(http)
+    real_step, calls = engine.step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_once)
+    r = http.post("/v1/completions", json={**COMP, "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    after = settled(http)
+    assert metric(after, "trinfer_requests_finished_total", reason="error") - metric(
+        before, "trinfer_requests_finished_total", reason="error") == 1
+    r = http.post("/v1/completions", json={**COMP, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_abort_frees_the_blocks_within_one_step(loaded):

@@ -94,10 +94,12 @@ def _refused(err: Refused) -> RequestError:
 
 
 async def _wait_disconnect(receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+    """Returns when the client has gone (or the connection broke)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a broken connection counts as gone
+        return
 
 
 class TrinferServer:
@@ -281,7 +283,8 @@ class _GenerationResponse:
 
 
 class _CountResponses:
-    """ASGI middleware: count every HTTP response by path (known ones; "other") and status code."""
+    """ASGI middleware: count every HTTP response by path (known ones; "other") and status code; "499" when the
+    client left before any response was sent (nginx's "client closed request"), "500" for an exception."""
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app = app
@@ -291,7 +294,7 @@ class _CountResponses:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status = None
 
         async def counting_send(message) -> None:
             nonlocal status
@@ -301,9 +304,12 @@ class _CountResponses:
 
         try:
             await self.app(scope, receive, counting_send)
+        except BaseException:
+            status = 500 if status is None else status
+            raise
         finally:
             path = scope["path"] if scope["path"] in PATHS else "other"
-            self.metrics.http_requests.inc(path=path, code=str(status))
+            self.metrics.http_requests.inc(path=path, code=str(499 if status is None else status))
 
 
 def build_app(engine, config: ServerConfig | None = None) -> Starlette:

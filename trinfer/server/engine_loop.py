@@ -167,6 +167,8 @@ class EngineLoop:
         self.start()
         if not self._accepting:
             raise Refused("the server is shutting down", 503)
+        if not self.alive:
+            raise Refused("the engine loop has stopped (see the server log)", 503)
         with self._lock:
             if self._in_flight >= self.capacity:
                 raise Refused(f"the server is at capacity ({self._in_flight} requests in flight, at most "
@@ -330,14 +332,17 @@ class EngineLoop:
     def _publish(self) -> None:
         """Gauges from the engine's state, read here (the only thread that may read it)."""
         m, engine = self.metrics, self.engine
-        running = len(engine.scheduler.running)
-        total, free = engine_kv_blocks(engine)
-        m.running.set(running)
-        m.waiting.set(max(0, self._in_flight - running))
         m.in_flight.set(self._in_flight)
-        m.kv_blocks_used.set(total - free)
-        m.kv_usage.set((total - free) / total)
-        m.preemptions.set_total(engine.num_preemptions)
+        try:
+            running = len(engine.scheduler.running)
+            total, free = engine_kv_blocks(engine)
+            m.running.set(running)
+            m.waiting.set(max(0, self._in_flight - running))
+            m.kv_blocks_used.set(total - free)
+            m.kv_usage.set((total - free) / total)
+            m.preemptions.set_total(engine.num_preemptions)
+        except Exception:  # a metric is not worth a request: log it, serve on
+            logger.exception("engine loop: reading the engine's state for /metrics failed")
 
     # ------------------------------------------------------------------ handing over
     def _post(self, handle: RequestHandle, item) -> None:

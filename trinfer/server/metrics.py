@@ -60,7 +60,24 @@ class _Family:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
 
-class Counter(_Family):
+class _Scalar(_Family):
+    """A family of one number per label set (counters and gauges)."""
+
+    def __init__(self, name: str, help_text: str, labelnames: Iterable[str] = ()):
+        super().__init__(name, help_text, labelnames)
+        self._values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
+
+    def value(self, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(self._key(labels), 0.0)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in items]
+
+
+class Counter(_Scalar):
     """A monotonically increasing count; `name` must end in `_total`."""
 
     kind = "counter"
@@ -69,7 +86,6 @@ class Counter(_Family):
         if not name.endswith("_total"):
             raise ValueError(f"counter name: expected a name ending in _total, got {name!r}")
         super().__init__(name, help_text, labelnames)
-        self._values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
@@ -86,36 +102,16 @@ class Counter(_Family):
                 raise ValueError(f"{self.name}: a counter only goes up, got {value} after {self._values[key]}")
             self._values[key] = float(value)
 
-    def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
 
-    def lines(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in items]
+class Gauge(_Scalar):
+    """A value set to the latest reading."""
 
-
-class Gauge(_Family):
     kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labelnames: Iterable[str] = ()):
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
 
     def set(self, value: float, **labels: str) -> None:
         key = self._key(labels)
         with self._lock:
             self._values[key] = float(value)
-
-    def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in items]
 
 
 class Histogram(_Family):
