@@ -398,7 +398,8 @@ def test_host_overhead_suite_runs():
 def test_bench_serve_end_to_end(tmp_path):
     """bench_serve on a tiny random checkpoint: a real `trinfer serve` subprocess, two concurrency levels and the
     interleaved HTTP-vs-direct part; both paths give the same text and the server exits 0 on SIGTERM."""
-    pytest.importorskip("httpx")
+    for module in ("httpx", "starlette", "uvicorn"):
+        pytest.importorskip(module)
     from bench import bench_serve
     from checkpoints import make_hf_checkpoint
 

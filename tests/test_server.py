@@ -18,15 +18,19 @@ import subprocess
 import sys
 import time
 
-import httpx
-import openai
 import pytest
 
-from smol import default_model, one_torch_thread  # noqa: F401  (autouse fixture)
-from trinfer.runtime import LLM, Engine, SamplingParams
-from trinfer.server import EngineLoop, ServerConfig, ServerThread, build_app
-from trinfer.server.engine_loop import Accepted
-from trinfer.server.metrics import Counter, Histogram, ServerMetrics
+for _module in ("starlette", "uvicorn", "httpx", "openai"):  # requirements(-dev).txt; absent: skip, saying which
+    pytest.importorskip(_module)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+from smol import default_model, one_torch_thread  # noqa: E402,F401  (autouse fixture)
+from trinfer.runtime import LLM, Engine, SamplingParams  # noqa: E402
+from trinfer.server import EngineLoop, ServerConfig, ServerThread, build_app  # noqa: E402
+from trinfer.server.engine_loop import Accepted  # noqa: E402
+from trinfer.server.metrics import Counter, Histogram, ServerMetrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "smollm2-test"
@@ -39,7 +43,7 @@ WORDS = ("the cat sat on a mat while rain fell over quiet hills and rivers ran t
 def make_engine(loaded, **kw):
     kw.setdefault("max_num_seqs", 32)
     kw.setdefault("num_kv_blocks", 256)
-    return Engine(loaded, backend="torch", max_model_len=MAX_LEN, **kw)
+    return Engine(loaded, backend="torch", device="cpu", max_model_len=MAX_LEN, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def loaded():
 @pytest.fixture(scope="module")
 def llm(loaded):
     """The offline reference: the same weights, its own engine."""
-    return LLM(loaded, backend="torch", max_num_seqs=32, max_model_len=MAX_LEN, num_kv_blocks=256)
+    return LLM(loaded, backend="torch", device="cpu", max_num_seqs=32, max_model_len=MAX_LEN, num_kv_blocks=256)
 
 
 @pytest.fixture(scope="module")
