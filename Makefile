@@ -1,13 +1,14 @@
 # trinfer: every target does its own set-up (virtual environment, pinned dependencies, the package).
 #   make test   create .venv if needed, install, run the whole test suite
 #   make run    create .venv if needed, install, generate with the default model
+#   make serve  create .venv if needed, install, serve the default model on http://127.0.0.1:8000/v1
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.trinfer-installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: install test run clean
+.PHONY: install test run serve clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ test: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/trinfer generate --chat "$(PROMPT)"
+
+serve: $(STAMP)
+	$(BIN)/trinfer serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -110,7 +110,7 @@ def metric(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
