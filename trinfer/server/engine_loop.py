@@ -216,6 +216,13 @@ class EngineLoop:
             self._publish()
             self._flush()
         self._abort_all("shutdown")
+        while True:  # requests queued behind the stop command still get an answer
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                self._finish_rejected(cmd[1], Refused("the server is shutting down", 503))
         self._publish()
         self._flush()
 
