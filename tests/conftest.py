@@ -48,12 +48,19 @@ if not HAS_CUDA:
 
 
 def pytest_collection_modifyitems(config, items):
+    """Without CUDA, skip the `cuda` tests. With CUDA, skip the `interpreter` tests: they run the Triton kernels on
+    CPU tensors, which needs TRITON_INTERPRET=1, and that is set only where CUDA is absent (here the kernels run
+    natively, and the GPU tests cover them on CUDA tensors)."""
     if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (too slow for the Triton interpreter or GPU-only)")
+        marker, skip = "interpreter", pytest.mark.skip(
+            reason="runs Triton kernels on CPU tensors, which needs the Triton interpreter; it is off where CUDA is "
+                   "present (the native kernels are tested on CUDA tensors instead)")
+    else:
+        marker, skip = "cuda", pytest.mark.skip(reason="needs a CUDA GPU (too slow for the Triton interpreter or "
+                                                       "GPU-only)")
     for item in items:
         # The marker only: item.keywords also holds parametrize ids, and a case with the id "cuda" is no GPU test.
-        if item.get_closest_marker("cuda") is not None:
+        if item.get_closest_marker(marker) is not None:
             item.add_marker(skip)
 
 

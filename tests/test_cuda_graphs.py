@@ -305,6 +305,7 @@ def test_graph_shaped_replays_equal_eager_torch_backend(loaded):
     assert {i: r[0] for i, r in got.items()} == {i: r[0] for i, r in unpadded.items()}
 
 
+@pytest.mark.interpreter
 def test_graph_shaped_replays_on_triton_kernels_with_a_wide_grid():
     """The Triton kernels (interpreted): replays captured at a 1024-token bound (4 decode splits, most of them
     empty) with padded batches give the tokens of eager steps sized by the real lengths."""

@@ -371,6 +371,7 @@ def test_padded_decode_batch_gives_the_same_tokens(loaded, alone):
     assert final == {i: alone[i] for i in (0, 3, 5)}
 
 
+@pytest.mark.interpreter
 def test_triton_backend_batching_padding_preemption(tmp_path):
     """The Triton kernels (interpreted on a CPU): staggered arrivals, padded decode batches, and a cache small
     enough to preempt give the torch backend's tokens. Tiny model: 2 layers, 2 query heads / 1 KV head of 64."""

@@ -56,6 +56,7 @@ def test_torch_backend_matches_transformers(name, tmp_path):
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.interpreter
 def test_triton_backend_matches_transformers_across_blocks(tmp_path):
     """The Triton kernels (interpreted on a CPU) on a tiny Qwen2 (biases) with 4-token blocks: prompts of 3
     and 6 tokens and 7 new tokens cross two block boundaries in prefill and in decode."""

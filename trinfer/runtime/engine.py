@@ -193,7 +193,8 @@ class Engine:
             of `model.CUDA_FAMILIES` ("rms_norm", "decode_attention"); default triton on CUDA, torch on the CPU.
             A backend that cannot run here (CUDA C++ kernels not built, no GPU) or cannot run the model's
             head_dim is refused with a ValueError at construction.
-        device: "cpu" | "cuda[:N]"; default cuda when available.
+        device: "cpu" | "cuda[:N]"; default: a `LoadedModel`'s own device (where its weights are), else cuda when
+            available.
         max_num_seqs: most sequences running at once (decode batch size).
         num_kv_blocks / kv_cache_memory: KV cache size in blocks or in bytes (at most one); default: 85% of
             the free GPU memory, or 512 MiB on the CPU, capped at what max_num_seqs full contexts need.
@@ -219,12 +220,14 @@ class Engine:
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: expected an int >= 1, got {max_num_seqs!r}")
         check_block_size(block_size)  # a power of two, as the kernels require
-        self.device = resolve_device(device)
+        weights_device = model.weights["embed_tokens"].device if isinstance(model, LoadedModel) else None
+        # A loaded model runs where its weights are, unless a device is named (then they must be on it).
+        self.device = resolve_device(weights_device if device is None else device)
         self.backend_name = resolve_backend(backend, self.device)
         if isinstance(model, LoadedModel):
             loaded = model
             w = loaded.weights["embed_tokens"]
-            if w.device.type != self.device.type or (dtype is not None and w.dtype != resolve_dtype(dtype, self.device)):
+            if w.device != self.device or (dtype is not None and w.dtype != resolve_dtype(dtype, self.device)):
                 raise ValueError(f"model: a LoadedModel on {w.device} in {w.dtype} does not match the requested "
                                  f"device {self.device} / dtype {dtype}")
             self.dtype = w.dtype
@@ -362,22 +365,51 @@ class Engine:
         """Stop a request now and free its blocks; returns its final output (finish_reason "abort").
 
         A request in the decode step still running on the device gets that step's token first (the other
-        requests' tokens of that step come with the next `step()`), as in the synchronous loop."""
+        requests' tokens of that step come with the next `step()`), as in the synchronous loop. Whatever of the
+        request the caller has not been handed yet (outputs queued for the next `step()`) goes out with this
+        final output, so its deltas still add up to its tokens and text and nothing of it comes after it. A
+        request that finished on its own in such a queued output (its length, say) returns that final output,
+        with its own finish reason. KeyError for an id never added or whose final output was handed out."""
         seq = self._requests.get(request_id)
         if seq is not None and self._pending is not None and any(s is seq for s in self._pending.seqs):
-            sent = seq.num_tokens_sent, seq.num_text_sent
             pending, self._pending = self._pending, None
             self._ready += self._resolve(pending)
-            if seq.finish_reason is None:  # its new token goes out with the final output below, not after it
-                self._ready = [o for o in self._ready if o.request_id != request_id]
-                seq.num_tokens_sent, seq.num_text_sent = sent
         seq = self._requests.pop(request_id, None)
-        if seq is None:
-            raise KeyError(f"abort: unknown request id {request_id!r} (never added, or already finished)")
+        if seq is None:  # finished in a step whose outputs are still queued? then its final output goes out now
+            seq = next((o._seq for o in self._ready if o.request_id == request_id and o.finished), None)
+            if seq is None:
+                raise KeyError(f"abort: unknown request id {request_id!r} (never added, or already finished)")
+            self._unqueue(seq)
+            return self._output(seq)
+        self._unqueue(seq)
         seq.finish_reason = FinishReason.ABORT
         seq.num_pending = 0
         self.scheduler.finish(seq)
         return self._output(seq)
+
+    def _unqueue(self, seq: Sequence) -> None:
+        """Take `seq`'s outputs out of the ready queue, undelivered: its next output then carries their deltas."""
+        queued = [o for o in self._ready if o._seq is seq]
+        if queued:
+            first = queued[0]
+            seq.num_tokens_sent = first._n_tokens - len(first.delta_token_ids)
+            seq.num_text_sent = first._n_text - len(first.delta_text)
+            self._ready = [o for o in self._ready if o._seq is not seq]
+
+    def _forget(self, seqs: list[Sequence]) -> None:
+        """Abort those of `seqs` still running and drop every queued output of theirs (an interrupted
+        `LLM.generate`): nothing of them is left in the engine."""
+        for seq in seqs:
+            if self._requests.get(seq.request_id) is seq:
+                self.abort(seq.request_id)
+        gone = {id(seq) for seq in seqs}
+        self._ready = [o for o in self._ready if id(o._seq) not in gone]
+
+    def _requeue(self, outputs: list[RequestOutput]) -> None:
+        """Put back outputs a `step()` returned to a caller that does not own them (`LLM.generate`), ahead of
+        anything queued since, for the next `step()`."""
+        if outputs:
+            self._ready[:0] = outputs
 
     def has_unfinished(self) -> bool:
         return bool(self._ready) or self.scheduler.has_unfinished()

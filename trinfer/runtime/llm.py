@@ -45,6 +45,10 @@ class LLM:
         sampling_params: one for all prompts or one per prompt, instead of max_new_tokens/stop/ignore_eos.
         on_output: called with every intermediate output (e.g. to stream `delta_text`).
         Every prompt is validated before any runs: one bad prompt raises and nothing is generated.
+        Only this call's own requests complete it; outputs of requests added to `self.engine` directly go back
+        to the engine for its next `step()`. An exception (from `on_output`, say) aborts this call's unfinished
+        requests and drops their undelivered outputs before it propagates: the engine is left as if the call had
+        not been made, and the next call starts clean.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -59,17 +63,22 @@ class LLM:
         eng = self.engine
         seqs = [eng._new_sequence(p, sp, chat=chat) for p, sp in zip(prompts, params)]
         ids = [eng._enqueue(seq) for seq in seqs]  # all valid: queue them, in order
+        own = {id(seq) for seq in seqs}
         final: dict[Any, RequestOutput] = {}
+        others: list[RequestOutput] = []  # outputs of requests added to the engine by someone else
         try:
             while len(final) < len(ids):
                 for out in eng.step():
+                    if id(out._seq) not in own:
+                        others.append(out)
+                        continue
                     if on_output is not None:
                         on_output(out)
                     if out.finished:
                         final[out.request_id] = out
         except BaseException:
-            for rid in ids:  # leave the engine clean for the next call
-                if rid not in final and rid in eng._requests:
-                    eng.abort(rid)
+            eng._forget(seqs)  # interrupted: abort what is left of this call and drop its queued outputs
             raise
+        finally:
+            eng._requeue(others)  # theirs, for the engine's next step()
         return [final[rid] for rid in ids]
