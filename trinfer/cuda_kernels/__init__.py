@@ -132,14 +132,20 @@ def _jit_archs() -> tuple[int, ...]:
     return _build.ARCHS
 
 
-def load_jit(*, build_directory: str | None = None, verbose: bool = False) -> str:
+def load_jit(*, build_directory: str | None = None, verbose: bool = False, timeout_s: float | None = None,
+             build: bool = True) -> str:
     """Build csrc/ just in time with torch.utils.cpp_extension (ninja) and load it; return the library's origin.
 
     For machines where nothing can be installed (the GPU check). Needs a CUDA build of torch, nvcc and a source
     checkout (csrc/ next to the package). Compiles for the visible GPU's arch (or sm_80 + sm_90 without one;
     TORCH_CUDA_ARCH_LIST overrides) into `build_directory`, default `$TRINFER_CUDA_BUILD_DIR` or
-    `~/.cache/trinfer/cuda/<torch>-<cuda>-<arch>`; ninja rebuilds only what changed. A no-op when a library is
-    loaded already (the installed one included): a process holds one.
+    `~/.cache/trinfer/cuda/<torch>-<cuda>-<arch>`. The build runs in a child process with `MAX_JOBS` set, under
+    `timeout_s` (default `$TRINFER_CUDA_BUILD_TIMEOUT` or 600 s), its compiler output on stderr when `verbose`;
+    a stale torch `lock` left by a killed build is removed; a finished build is stamped with the hash of its
+    sources, flags and versions and later loaded directly (`_jit.py`). `build=False` only loads such a finished
+    build. Raises RuntimeError (`_jit.BuildError`) when there is none to load, the build fails or times out, or
+    an earlier build of the same sources failed. A no-op when a library is loaded already (the installed one
+    included): a process holds one.
     """
     if _loaded is not None:
         return _loaded.origin
@@ -147,26 +153,29 @@ def load_jit(*, build_directory: str | None = None, verbose: bool = False) -> st
         raise RuntimeError(f"load_jit: torch {torch.__version__} is a CPU build; the CUDA backend needs a CUDA torch")
     from torch.utils import cpp_extension
 
-    if cpp_extension.CUDA_HOME is None:
+    from . import _jit
+
+    if build and cpp_extension.CUDA_HOME is None:
         raise RuntimeError("load_jit: no CUDA toolkit found (nvcc not on PATH and CUDA_HOME unset)")
-    sources = _build.sources()
-    if not any(s.endswith(".cu") for s in sources):
+    if not _build.kernel_sources():
         raise RuntimeError(f"load_jit: no CUDA sources in {_build.CSRC_DIR} (load_jit builds from a source checkout)")
     archs = _jit_archs()
     arch_flags = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else _build.gencode_flags(archs, ptx=False)
     tag = re.sub(r"[^A-Za-z0-9_.-]", "_", f"torch{torch.__version__}-cu{torch.version.cuda}-sm"
                                           + "_".join(map(str, archs)))
     build_directory = build_directory or _build.default_jit_build_dir(tag)
-    os.makedirs(build_directory, exist_ok=True)
-    cpp_extension.load(
-        name=_build.JIT_NAME,
-        sources=sources,
-        extra_cflags=list(_build.CXX_FLAGS),
-        extra_cuda_cflags=list(_build.NVCC_FLAGS) + arch_flags,
-        build_directory=build_directory,
-        verbose=verbose,
-        is_python_module=False,
-    )
+    cuda_cflags, cflags = list(_build.NVCC_FLAGS) + arch_flags, list(_build.CXX_FLAGS)
+    if build:
+        import io
+
+        path = _jit.build(build_directory, archs=archs, cuda_cflags=cuda_cflags, cflags=cflags,
+                          timeout_s=timeout_s, log=None if verbose else io.StringIO())
+    else:
+        path = _jit.cached_library(build_directory, _jit.stamp(archs, cuda_cflags, cflags))
+        if path is None:
+            raise _jit.BuildError(f"load_jit(build=False): no finished build of these csrc/ sources in "
+                                  f"{build_directory}")
+    torch.ops.load_library(path)
     _set_loaded(f"JIT build in {build_directory}")
     return _loaded.origin
 
