@@ -4,8 +4,14 @@ TRITON_INTERPRET is read when @triton.jit decorates a kernel (at import of the k
 set here before any trinfer module is imported. With a CUDA device the same tests run natively.
 """
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/: tests use its harness and the GPU check's helpers
+    sys.path.insert(0, str(ROOT))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

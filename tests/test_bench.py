@@ -309,7 +309,8 @@ def test_gpu_check_script_parses():
     script = ROOT / "bench" / "gpu_check.sh"
     subprocess.run([bash, "-n", str(script)], check=True)
     text = script.read_text()
-    assert "bench.run_all --quick" in text and "pytest tests" in text and '${OUT:-' in text
+    assert "bench.run_all --quick" in text and "bench.bench_e2e --quick" in text and '${OUT:-' in text
+    # (tests/test_gpu_check.py runs its --dry-run: test selections, stage limits, output files)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ STAMP = "trinfer_build.stamp"          # the stamp of the library beside it
 FAILED = "trinfer_build.failed"        # the stamp of sources whose build failed, then the log's tail
 FLOCK = "trinfer_build.flock"
 TORCH_LOCK = "lock"                    # torch.utils.cpp_extension's FileBaton
-DEFAULT_TIMEOUT_S = 600.0              # a cold build of csrc/ on a small machine; override with TRINFER_CUDA_BUILD_TIMEOUT
+DEFAULT_TIMEOUT_S = 600.0              # a cold build on a small machine; TRINFER_CUDA_BUILD_TIMEOUT overrides
 
 
 class BuildError(RuntimeError):
