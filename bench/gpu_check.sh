@@ -358,6 +358,7 @@ fi
 
 # ---- sanitize -------------------------------------------------------------------------------------------------
 T_SANITIZE=$(( LIMIT[sanitize] - GRACE - 2 )) run_stage sanitize bash bench/gpu_sanitize.sh "$WORK"
+for f in "$WORK"/sanitize-*.log; do [ -f "$f" ] && { echo "----- $f"; cat "$f"; } >> "$LOG"; done
 
 # ---- tests: the fast pass, then the rest ------------------------------------------------------------------------
 PYTEST=(-m pytest -p no:cacheprovider -rfE)
@@ -370,7 +371,7 @@ ARGS=(-v --durations=15)
 for f in "${IGNORE_ON_GPU[@]}"; do ARGS+=(--ignore "$f"); done
 for id in "${DESELECT_ON_GPU[@]}"; do ARGS+=(--deselect "$id"); done
 if has_module xdist && [ "${TEST_WORKERS:-8}" != 0 ]; then ARGS+=(-n "${TEST_WORKERS:-8}" --dist loadfile); fi
-run_stage tests $PY "${PYTEST[@]}" "${ARGS[@]}" "${DONE_IDS[@]}" $(ordered_tests)
+run_stage tests $PY "${PYTEST[@]}" "${ARGS[@]}" ${DONE_IDS[@]+"${DONE_IDS[@]}"} $(ordered_tests)
 
 # ---- the archive, the benchmarks, the archive again -----------------------------------------------------------
 pack_stage() { $PY -m bench.gpu_cache pack "$OUTDIR/gpu_cache.tar.gz" "$CACHE_ROOT" --csrc csrc --limit-mib 15; }
