@@ -10,7 +10,8 @@
 # Uses the machine's own python3/torch/triton/transformers, nothing installed (PYTHONPATH=.). Stages, in order of
 # value, each under its own limit (seconds; env var to override; --budget scales them all):
 #   env        15 T_ENV        restore the cache archive; GPU, driver, versions, tools present
-#   build     100 T_BUILD      the CUDA C++ JIT build (load_jit, MAX_JOBS=8), in the background from the end of env
+#   build     100 T_BUILD      the CUDA C++ JIT build (load_jit, MAX_JOBS=8), then its kernels' smoke cases, in the
+#                              background beside the smoke stage
 #   smoke      85 T_SMOKE      every kernel once natively against its reference (bench/gpu_cases.py, 4 processes),
 #                              and one staggered generate against transformers with CUDA graphs and the async loop
 #   sanitize   40 T_SANITIZE   compute-sanitizer: memcheck over every kernel case, racecheck + synccheck over csrc/
@@ -233,7 +234,7 @@ pytest_line() {  # the final "N passed, M failed ..." line, or a count so far
 stage_detail() {  # NAME FILE: one line of what the stage found
   case $1 in
     env) grep -m1 '^gpu:' "$2" ;;
-    build) grep -E '^\[load_jit\]|BuildError|Error' "$2" | tail -n 1 ;;
+    build) grep -E '^\[load_jit\]|BuildError|Error' "$WORK/build.out" | tail -n 1 ;;
     smoke) local e2e
       e2e=$(grep -hE '^(ok  |FAIL) e2e' "$WORK/smoke-e2e.log" 2>/dev/null | tail -n 1 | cut -c1-70)
       echo "kernel cases: $(cat "$WORK"/smoke-[0-9c]*.log 2>/dev/null | grep -c '^ok ') ok," \
@@ -316,14 +317,22 @@ fi
 has_module() { $PY -c "import $1" 2>/dev/null; }
 
 # ---- build (background), smoke --------------------------------------------------------------------------------
-BUILD_START=$SECONDS
-{ echo; echo "===== build (background): load_jit (limit ${LIMIT[build]}s)"; } >> "$LOG"
-STATUS[build]=running
-MAX_JOBS=${MAX_JOBS:-8} timeout -s INT -k $GRACE "${LIMIT[build]}" $PY -c "
+# The build, then (within the same limit) the CUDA C++ kernels' smoke cases, beside the smoke stage.
+build_stage() {
+  MAX_JOBS=${MAX_JOBS:-8} $PY -c "
 import time, trinfer.cuda_kernels as ck
 t = time.time()
-print(ck.load_jit(verbose=True, timeout_s=max(5, ${LIMIT[build]} - 10)), f'loaded in {time.time() - t:.0f}s', flush=True)
-" > "$WORK/build.out" 2>&1 &
+print('[load_jit]', ck.load_jit(verbose=True, timeout_s=max(5, $1 - 15)), f'loaded in {time.time() - t:.0f}s', flush=True)
+" || return
+  touch "$WORK/built"
+  $PY -m bench.gpu_cases --backend cuda > "$WORK/smoke-cuda.log" 2>&1
+}
+export -f build_stage
+export PY WORK
+BUILD_START=$SECONDS
+{ echo; echo "===== build (background): load_jit, then the CUDA C++ smoke cases (limit ${LIMIT[build]}s)"; } >> "$LOG"
+STATUS[build]=running
+timeout -s INT -k $GRACE "${LIMIT[build]}" bash -c "build_stage ${LIMIT[build]}" > "$WORK/build.out" 2>&1 &
 BUILD_PID=$!
 
 smoke_stage() {
@@ -336,21 +345,21 @@ smoke_stage() {
   return $rc
 }
 export -f smoke_stage
-export WORK
 run_stage smoke bash -c smoke_stage
-cat "$WORK"/smoke-*.log >> "$LOG"  # (each process's own log: a cut stage leaves them too)
 
 wait $BUILD_PID
 build_rc=$?
 cat "$WORK/build.out" >> "$LOG"
+cat "$WORK"/smoke-*.log >> "$LOG"  # (each process's own log: a cut stage leaves them too)
+[ -f "$WORK/built" ] && build_rc=0  # built; the CUDA C++ cases count in the smoke stage
 finish_stage build $build_rc $BUILD_START
 if [ "${STATUS[build]}" = ok ]; then
   export TRINFER_BENCH_JIT=1
-  # The CUDA C++ twins of the smoke stage, now that the library is built.
-  $PY -m bench.gpu_cases --backend cuda > "$WORK/smoke-cuda.log" 2>&1 || STATUS[smoke]="FAIL(cuda)"
-  cat "$WORK/smoke-cuda.log" >> "$LOG"
+  if grep -q '^FAIL' "$WORK/smoke-cuda.log" 2>/dev/null; then
+    STATUS[smoke]="FAIL(cuda)"
+    stage_failures smoke /dev/null >> "$WORK/failures"
+  fi
   DETAIL[smoke]=$(stage_detail smoke /dev/null | cut -c1-150)
-  case ${STATUS[smoke]} in FAIL*) stage_failures smoke /dev/null >> "$WORK/failures" ;; esac
   write_summary
 else
   export TRINFER_TEST_CUDA_JIT=0 SANITIZE_CSRC=0  # tests skip the CUDA C++ cases, saying why

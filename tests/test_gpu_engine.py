@@ -68,6 +68,7 @@ def test_engine_matches_transformers_on_the_gpu(name, tmp_path):
     path = make_hf_checkpoint(str(tmp_path), family, **overrides)
     loaded = load_model_files(path, device="cuda", dtype=torch.float32, progress=False)
     hf = load_hf_model(path).to("cuda")
+    hf.generation_config.eos_token_id = None  # never stops early: the EOS cut is applied below
     prompts = _prompts(loaded.config.vocab_size)
     ref = [_hf_greedy(hf, p, NEW) for p in prompts]
     eos = {ref[1][5], ref[3][2]}  # two prompts end mid-way at an end-of-sequence token
