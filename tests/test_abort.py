@@ -246,6 +246,22 @@ def test_generate_completes_only_with_its_own_requests(loaded, alone, async_deco
     check_empty(eng)
 
 
+@pytest.mark.parametrize("async_decode", [False, True], ids=["sync", "async"])
+def test_generate_interrupted_in_a_step_shared_with_another_request(loaded, alone, async_decode):
+    """on_output raises at the call's first output, which shares its step with another request's decode output
+    (on the sync loop it comes after ours in that step): the other request's output is not lost."""
+    llm = LLM(loaded, backend="torch", block_size=4, async_decode=async_decode)
+    eng = llm.engine
+    theirs = eng.add_request(PROMPTS[3], max_new_tokens=NEW[3], ignore_eos=True)
+    stream = eng.step()
+    with pytest.raises(Stop):
+        llm.generate([PROMPTS[1]], max_new_tokens=NEW[1], ignore_eos=True, on_output=_raise_at(1))
+    stream += list(eng.run_until_done())
+    assert all(o.request_id == theirs for o in stream)
+    check_streams({3: stream}, alone)
+    check_empty(eng)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Defect: a LoadedModel's device
 

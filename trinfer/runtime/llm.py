@@ -68,9 +68,10 @@ class LLM:
         others: list[RequestOutput] = []  # outputs of requests added to the engine by someone else
         try:
             while len(final) < len(ids):
-                for out in eng.step():
+                outs = eng.step()
+                others += [o for o in outs if id(o._seq) not in own]  # before on_output can raise
+                for out in outs:
                     if id(out._seq) not in own:
-                        others.append(out)
                         continue
                     if on_output is not None:
                         on_output(out)
