@@ -37,21 +37,23 @@
 # that path in `carry`), else in the output folder; compile caches live in $GPU_CHECK_CACHE_ROOT
 # (default ~/.cache/trinfer/gpu_check).
 set -u -o pipefail
-if [ -n "${OUT:-}" ] && [ "${OUT#/}" = "$OUT" ]; then OUT="$PWD/$OUT"; fi  # a relative $OUT, before the cd
+CALLER=$PWD
+absolute() { case $1 in ""|/*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }  # paths given relative to the caller
+if [ -n "${OUT:-}" ]; then OUT=$(absolute "$OUT"); fi
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
 DRY_RUN=0
 LIMITS_ONLY=0
-CACHE_IN=${GPU_CHECK_CACHE:-}
+CACHE_IN=$(absolute "${GPU_CHECK_CACHE:-}")
 OUT_ARG=""
 BUDGET=390
 while [ $# -gt 0 ]; do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
     --limits) DRY_RUN=1; LIMITS_ONLY=1 ;;
-    --cache) CACHE_IN=$2; shift ;;
-    --out) OUT_ARG=$2; shift ;;
+    --cache) CACHE_IN=$(absolute "$2"); shift ;;
+    --out) OUT_ARG=$(absolute "$2"); shift ;;
     --budget) BUDGET=$2; shift ;;
     -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;

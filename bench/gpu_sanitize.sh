@@ -17,8 +17,9 @@
 # compute-sanitizer absent or not working here (some container runtimes: "unavailable"; not a failure of the
 # code); 4: no errors found, but a run was cut by its limit or could not run.
 set -u -o pipefail
-cd "$(dirname "$0")/.."
 LOG_DIR=${1:-${TMPDIR:-/tmp}}
+case $LOG_DIR in /*) ;; *) LOG_DIR="$PWD/$LOG_DIR" ;; esac
+cd "$(dirname "$0")/.."
 mkdir -p "$LOG_DIR"
 PY=${PYTHON:-python3}
 T=${T_SANITIZE:-40}
