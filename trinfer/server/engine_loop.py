@@ -273,8 +273,8 @@ class EngineLoop:
         if request_id not in self._active:
             return  # finished in the meantime (or never accepted)
         try:
-            out = self.engine.abort(request_id)
-        except KeyError:  # the engine finished it in the step whose output is still in flight
+            out = self.engine.abort(request_id)  # (a request that had just finished returns that final output)
+        except KeyError:  # its final output was handed out already
             return
         self._on_output(out, reason)
 
@@ -317,7 +317,7 @@ class EngineLoop:
                 active.last_token_time = t
         finish = None
         if out.finish_reason is not None:
-            finish = reason if reason is not None else out.finish_reason
+            finish = reason if reason is not None and out.finish_reason == "abort" else out.finish_reason
             del self._active[out.request_id]
             m.requests_finished.inc(reason=finish)
             m.e2e.observe((active.last_token_time or time.perf_counter()) - active.received)
