@@ -2,7 +2,7 @@
 
     trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat] [--stream] [--stop S]
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
-                     [--device cpu|cuda] [--no-cuda-graphs]
+                     [--device cpu|cuda] [--no-cuda-graphs] [--quantize int8|int4] [--batch-invariant]
     trinfer serve [--model PATH] [--host 127.0.0.1] [--port 8000] [engine options] [--max-num-seqs N] ...
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
 
@@ -35,6 +35,12 @@ def _add_engine_options(p) -> None:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the decode step from CUDA graphs captured at start-up (CUDA with the triton or cuda "
                         "backend; default on); --no-cuda-graphs runs every step eagerly")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="quantize the q/k/v, o, gate/up and down matrices of a dense checkpoint at load (int8: "
+                        "per-row scales; int4: groups of 128 with zero points); run by the Triton linear kernel")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="decode every matrix product on the batch-invariant Triton linear kernel (default off: its "
+                        "cost at batch 1 is not yet measured on a GPU)")
 
 
 def _engine_kwargs(args) -> dict:
@@ -46,7 +52,8 @@ def _engine_kwargs(args) -> dict:
 
         torch.set_num_threads(args.threads)
     return dict(dtype=args.dtype, backend=args.backend, device=args.device, block_size=args.block_size,
-                num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs)
+                num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs, quantize=args.quantize,
+                batch_invariant=args.batch_invariant)
 
 
 def _add_generate(sub) -> None:

@@ -15,6 +15,7 @@ so the engine keeps serving the others.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .block_manager import BlockManager, blocks_needed
 from .kv_cache import choose_num_blocks
 from .model import check_cuda_kernels_available, get_backend, parse_backend
 from .model_runner import ModelRunner, PendingDecode
+from .quantization import check_quantize, quantize_weights
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
@@ -209,12 +211,20 @@ class Engine:
         async_decode: enqueue decode step k+1 before reading step k's tokens back (default True): the device
             never waits for the host between steps, and each `step()` returns the previous decode step's
             outputs. The tokens, texts and finish reasons are exactly those of the synchronous loop (False).
+        quantize: "int8" | "int4": quantize the q/k/v, o, gate/up and down matrices of a dense checkpoint at load
+            (`runtime/quantization.py`); None (default) keeps them. Quantized checkpoints (GGUF Q8_0/Q4_0/Q4_1,
+            AWQ/GPTQ) stay quantized with the triton/cuda backends and are decoded at load for `torch`.
+        batch_invariant: run every decode-step matrix product on the batch-invariant Triton `linear` kernel, so a
+            sequence's greedy tokens never depend on which others share its batch (default False: dense weights
+            use torch's matmul, whose cost at batch 1 against this kernel is not yet measured on a GPU; products
+            on quantized weights always use the kernel). Refused with the `torch` backend.
     """
 
     def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False,
-                 cuda_graphs: bool = True, async_decode: bool = True):
+                 cuda_graphs: bool = True, async_decode: bool = True, quantize: str | None = None,
+                 batch_invariant: bool = False):
         from .loader import LoadedModel, load_model_files
 
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -224,9 +234,14 @@ class Engine:
         # A loaded model runs where its weights are, unless a device is named (then they must be on it).
         self.device = resolve_device(weights_device if device is None else device)
         self.backend_name = resolve_backend(backend, self.device)
+        backend_ops = get_backend(self.backend_name, batch_invariant=batch_invariant)  # refused before loading
+        self.batch_invariant = batch_invariant
+        check_quantize(quantize)
         if isinstance(model, LoadedModel):
             loaded = model
-            w = loaded.weights["embed_tokens"]
+            if quantize is not None:  # a new dict: the caller's LoadedModel keeps its weights
+                loaded = dataclasses.replace(loaded, weights=quantize_weights(dict(loaded.weights), quantize))
+            w = loaded.weights["norm"]  # always dense, in the compute dtype (a matrix may be a QuantizedWeight)
             if w.device != self.device or (dtype is not None and w.dtype != resolve_dtype(dtype, self.device)):
                 raise ValueError(f"model: a LoadedModel on {w.device} in {w.dtype} does not match the requested "
                                  f"device {self.device} / dtype {dtype}")
@@ -237,7 +252,8 @@ class Engine:
                 from .default_model import default_model_path
 
                 model = default_model_path()
-            loaded = load_model_files(model, device=self.device, dtype=self.dtype)
+            loaded = load_model_files(model, device=self.device, dtype=self.dtype, quantize=quantize,
+                                      keep_quantized=self.backend_name != "torch")
         self.config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
@@ -253,7 +269,7 @@ class Engine:
                                        num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and self.backend_name != "torch" \
             and not debug
-        self.runner = ModelRunner(cfg, loaded.weights, get_backend(self.backend_name), device=self.device,
+        self.runner = ModelRunner(cfg, loaded.weights, backend_ops, device=self.device,
                                   dtype=self.dtype, num_blocks=num_blocks, block_size=block_size,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, debug=debug,
                                   cuda_graphs=self.cuda_graphs)

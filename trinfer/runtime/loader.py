@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from . import quantization as Q
 from .config import ModelConfig
 from .tokenizer import Tokenizer
 
@@ -52,15 +53,24 @@ def load_model_files(
     device: str | torch.device,
     dtype: torch.dtype,
     progress: bool = True,
+    quantize: str | None = None,
+    keep_quantized: bool | None = None,
 ) -> LoadedModel:
     """Load config, weights (converted to `dtype` on `device`) and tokenizer from `path`.
 
     progress: show a tqdm bar on stderr when loading takes more than a second.
+    quantize: "int8" / "int4" quantizes the dense q/k/v, o, gate/up and down matrices at load
+        (`quantization.quantize_weight`); None loads them as they are.
+    keep_quantized: quantized weights (GGUF Q8_0/Q4_0/Q4_1 tensors, AWQ/GPTQ layers, `quantize`) stay
+        `QuantizedWeight`s, for the Triton kernels; False decodes them to `dtype` (the `torch` backend).
+        Default: True on CUDA.
     Raises FileNotFoundError for a missing file, ValueError for anything malformed or unsupported.
     """
     if dtype not in _COMPUTE_DTYPES:
         raise ValueError(f"dtype: expected float32/float16/bfloat16, got {dtype!r}")
+    Q.check_quantize(quantize)
     device = torch.device(device)
+    keep = device.type == "cuda" if keep_quantized is None else bool(keep_quantized)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
@@ -68,8 +78,18 @@ def load_model_files(
     if gguf_file is not None:
         from .loader_gguf import load_gguf  # the gguf package is only needed here
 
-        return load_gguf(gguf_file, device=device, dtype=dtype, progress=progress)
-    return _load_hf_dir(path, device=device, dtype=dtype, progress=progress)
+        return _quantized_as_asked(load_gguf(gguf_file, device=device, dtype=dtype, progress=progress,
+                                             keep_quantized=keep), quantize, keep, dtype)
+    return _quantized_as_asked(_load_hf_dir(path, device=device, dtype=dtype, progress=progress), quantize, keep,
+                               dtype)
+
+
+def _quantized_as_asked(loaded: LoadedModel, quantize: str | None, keep: bool, dtype: torch.dtype) -> LoadedModel:
+    """`quantize` applied, then every quantized weight decoded unless `keep` (see load_model_files)."""
+    Q.quantize_weights(loaded.weights, quantize)
+    if not keep:
+        Q.dequantize_weights(loaded.weights, dtype)
+    return loaded
 
 
 def _gguf_in(path: str) -> str | None:
@@ -139,6 +159,7 @@ class WeightAssembler:
         self._shapes = expected_weight_shapes(config)
         self._weights: dict[str, torch.Tensor] = {}
         self._written: dict[str, dict[str | None, str]] = {}  # name -> part -> source
+        self._quantized: dict[str, list] = {}  # name -> [(row_lo, row_hi, QuantizedWeight)], fused in finish()
 
     def put(self, name: str, part: str | None, tensor: torch.Tensor, source: str) -> None:
         if name not in self._shapes:
@@ -152,12 +173,14 @@ class WeightAssembler:
             want = (hi - lo, *full[1:])
         if tuple(tensor.shape) != want:
             raise ValueError(f"tensor {source}: expected shape {list(want)} (from the model config), got {list(tensor.shape)}")
+        if isinstance(tensor, Q.QuantizedWeight):
+            self._record(name, part, source)
+            lo, hi = (0, full[0]) if part is None else _part_rows(self.config, part)
+            self._quantized.setdefault(name, []).append((lo, hi, tensor.to(self.device)))
+            return
         if not tensor.is_floating_point():
             raise ValueError(f"tensor {source}: expected a floating-point tensor, got {tensor.dtype}")
-        parts = self._written.setdefault(name, {})
-        if part in parts:
-            raise ValueError(f"tensor {source}: given twice (also as {parts[part]})")
-        parts[part] = source
+        self._record(name, part, source)
         dest = self._weights.get(name)
         if dest is None:
             dest = self._weights[name] = torch.empty(full, dtype=self.dtype, device=self.device)
@@ -165,6 +188,12 @@ class WeightAssembler:
             lo, hi = _part_rows(self.config, part)
             dest = dest[lo:hi]
         dest.copy_(tensor)
+
+    def _record(self, name: str, part: str | None, source: str) -> None:
+        parts = self._written.setdefault(name, {})
+        if part in parts:
+            raise ValueError(f"tensor {source}: given twice (also as {parts[part]})")
+        parts[part] = source
 
     def finish(self, source_name_of: dict[tuple[str, str | None], str]) -> dict[str, torch.Tensor]:
         """The canonical weights; raise naming the first checkpoint tensor that never came.
@@ -181,6 +210,9 @@ class WeightAssembler:
             for part in parts:
                 if part not in self._written.get(name, {}):
                     raise ValueError(f"missing tensor {source_name_of.get((name, part), name)!r} in the checkpoint")
+        for name, parts in self._quantized.items():  # quantized parts: stacked, or decoded next to dense ones
+            self._weights[name] = Q.assemble_fused(parts, self._weights.get(name), self._shapes[name], self.dtype,
+                                                   self.device)
         return self._weights
 
 
@@ -313,6 +345,12 @@ def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor
 
 def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool) -> LoadedModel:
     raw = _read_json(os.path.join(path, "config.json"), "config.json")
+    qspec = None
+    if raw.get("quantization_config") is not None:  # AWQ/GPTQ: their layers load as QuantizedWeights
+        from .quantization_hf import HFQuantizedTensors, parse_quantization_config
+
+        raw = dict(raw)
+        qspec = parse_quantization_config(raw.pop("quantization_config"))
     gen_file = os.path.join(path, "generation_config.json")
     generation = _read_json(gen_file, "generation_config.json") if os.path.isfile(gen_file) else None
     config = ModelConfig.from_hf(raw, generation)
@@ -325,13 +363,20 @@ def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progres
         with _open_safetensors(file) as f:
             counts.append(len(list(f.keys())))
     assembler = WeightAssembler(config, device=device, dtype=dtype)
+    held = None if qspec is None else HFQuantizedTensors(qspec, qkv_bias=config.qkv_bias)
     with _progress(sum(counts), f"loading {os.path.basename(os.path.abspath(path))}", progress) as bar:
         for file, key, tensor in _iter_safetensors(files):
-            target = hf_canonical_name(key, config)
-            if target is not None:
-                assembler.put(target[0], target[1], tensor, f"{key!r} in {os.path.basename(file)}")
+            source = f"{key!r} in {os.path.basename(file)}"
+            for name, t in [(key, tensor)] if held is None else held.feed(key, tensor, source):
+                target = hf_canonical_name(name, config)
+                if target is not None:
+                    assembler.put(target[0], target[1], t, source)
             del tensor
             bar.update(1)
+        for key, weight, source in () if held is None else held.weights():
+            target = hf_canonical_name(key, config)
+            if target is not None:
+                assembler.put(target[0], target[1], weight, source)
     weights = assembler.finish(_hf_source_names(config))
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source="safetensors")
 

@@ -26,6 +26,7 @@ import torch
 
 from .config import ModelConfig
 from .loader import LoadedModel, WeightAssembler, _progress, _with_tokenizer_eos
+from .quantization import GGUF_TYPE_FORMATS, QuantizedWeight, gguf_weight
 from .tokenizer import Tokenizer
 
 __all__ = ["load_gguf", "read_gguf", "GGUFFile", "GGUFTensor", "dequantize", "unpermute_rows", "gguf_config"]
@@ -395,8 +396,10 @@ def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
     return names
 
 
-def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool = True) -> LoadedModel:
-    """Config, canonical weights and tokenizer of a llama GGUF file (see load_model_files)."""
+def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool = True,
+              keep_quantized: bool = False) -> LoadedModel:
+    """Config, canonical weights and tokenizer of a llama GGUF file (see load_model_files). keep_quantized: the
+    matrices stored as Q8_0/Q4_0/Q4_1 stay in their blocks (`quantization.gguf_weight`), else are decoded."""
     gguf = read_gguf(path)
     try:
         config = gguf_config(gguf)
@@ -408,11 +411,14 @@ def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: 
                 target = gguf_canonical_name(t.name, config)
                 if target is not None:
                     # One tensor's bytes at a time leave the memory map; dequantization runs on the device.
-                    weight = dequantize(gguf.raw(t).to(device), t.ggml_type, t.shape)
-                    if target[1] == "q":
-                        weight = unpermute_rows(weight, config.num_heads)
-                    elif target[1] == "k":
-                        weight = unpermute_rows(weight, config.num_kv_heads)
+                    if keep_quantized and t.type_name in GGUF_TYPE_FORMATS and len(t.shape) == 2:
+                        weight = gguf_weight(gguf.raw(t).to(device, copy=True), t.type_name, t.shape)  # off the map
+                    else:
+                        weight = dequantize(gguf.raw(t).to(device), t.ggml_type, t.shape)
+                    if target[1] in ("q", "k"):
+                        heads = config.num_heads if target[1] == "q" else config.num_kv_heads
+                        weight = (weight.rows(unpermute_rows(torch.arange(weight.shape[0]), heads))
+                                  if isinstance(weight, QuantizedWeight) else unpermute_rows(weight, heads))
                     assembler.put(target[0], target[1], weight, repr(t.name))
                     del weight
                 bar.update(1)

@@ -1,7 +1,9 @@
 """The Llama-family decoder (Llama 2/3/3.x, Qwen2, Mistral, SmolLM2, TinyLlama), readable top to bottom.
 
-Matrix products are torch (`F.linear`) on fused weights: one q/k/v matrix (plus bias for Qwen2) and one
-gate/up matrix per layer. Everything else goes through a `Backend`: the Triton kernels of
+Matrix products run on fused weights (one q/k/v matrix, plus bias for Qwen2, and one gate/up matrix per layer)
+through the backend's `linear`: torch's matmul, or, in decode steps, the batch-invariant Triton `linear` kernel
+when the weights are quantized (`QuantizedWeight`: int8, int4, GGUF blocks) or `batch_invariant` is on
+(`quantization.make_linear`). Everything else goes through a `Backend`: the Triton kernels of
 `trinfer.triton_kernels`, or their PyTorch references (the CPU default and the oracle for the kernels; run
 through `torch_backend.py`, which takes leaner equal paths in fp32 and stores the CPU's fp32 matrices in the
 layout its BLAS runs fastest), or the Triton kernels with some kernel families on the CUDA C++ kernels of
@@ -21,9 +23,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import quantization as Q
 from .attention_metadata import AttentionMetadata
 
 BACKENDS = ("triton", "torch", "cuda")  # base names; "cuda:FAMILY[+FAMILY...]" picks families (parse_backend)
@@ -58,6 +60,12 @@ class Backend:
     check_head_dim: Callable[[int], None] = lambda head_dim: None  # ValueError if the kernels cannot run it
     # A weight matrix in the layout this backend's matrix products run fastest (same values and shape).
     prepare_matrix: Callable[[torch.Tensor], torch.Tensor] = lambda w: w
+    # Matrix products `linear(x, weight, bias=None, *, decode=False)` and embedding rows `embedding(ids, table,
+    # dtype)`, for dense and quantized weights (quantization.py); `batch_invariant`: dense decode products on
+    # the batch-invariant kernel too.
+    linear: Callable = Q.torch_linear
+    embedding: Callable = Q.torch_embedding
+    batch_invariant: bool = False
 
 
 def parse_backend(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -125,20 +133,29 @@ def _cuda_decode_head_dims(head_dim: int) -> None:
                          f"(instantiated head dims), got {head_dim}")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, *, batch_invariant: bool = False) -> Backend:
     """The Backend of a choice (syntax: `parse_backend`): `"triton"`, the Triton kernels; `"torch"`, their PyTorch
     references, which run anywhere; `"cuda"` / `"cuda:FAMILY[+FAMILY...]"`, the Triton kernels with those families
-    on the CUDA C++ kernels (ValueError naming the reason when those cannot run here)."""
+    on the CUDA C++ kernels (ValueError naming the reason when those cannot run here).
+
+    batch_invariant: decode steps run every matrix product on the batch-invariant Triton `linear` kernel (not
+    only those on quantized weights), so a sequence's tokens do not depend on the batch it is decoded in. The
+    `torch` backend (torch's matmul) refuses it."""
     from trinfer import triton_kernels as K
 
     name, cuda_families = parse_backend(name)
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant: expected a bool, got {type(batch_invariant).__name__}")
+    if name == "torch" and batch_invariant:
+        raise ValueError("batch_invariant: needs the Triton linear kernel (backend 'triton' or 'cuda'); the 'torch' "
+                         "backend runs torch's matmul, which promises no batch invariance")
     if name == "torch":
         from trinfer.triton_kernels import references as R
 
         from . import torch_backend as T  # the references, leaner on the hot path (see that module)
 
         def lm_head_greedy(hidden, weight, return_logprobs=False, out=None):  # torch's matmul, then the argmax
-            res = R.greedy_sample_ref(F.linear(hidden, weight), return_logprobs)
+            res = R.greedy_sample_ref(Q.torch_linear(hidden, weight), return_logprobs)
             if out is None:
                 return res
             for o, r in zip(out if return_logprobs else (out,), res if return_logprobs else (res,)):
@@ -148,10 +165,13 @@ def get_backend(name: str) -> Backend:
         return Backend("torch", T.rms_norm, T.fused_add_rms_norm, T.rotary_write_kv_cache, T.silu_and_mul,
                        T.paged_prefill_attention, T.paged_decode_attention, lm_head_greedy, K.build_rope_cache,
                        prepare_matrix=T.prepare_matrix)
-    # The fused LM head + argmax: the logits never go to memory.
+    # The fused LM head + argmax: the logits never go to memory (a quantized head: linear, then the argmax).
+    linear = Q.make_linear(K.linear, K.dequantize, batch_invariant=batch_invariant)
     triton = Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
-                     K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache,
-                     check_head_dim=_triton_head_dims)
+                     K.paged_prefill_attention, K.paged_decode_attention,
+                     Q.make_lm_head_greedy(K.lm_head_greedy, linear, K.greedy_sample), K.build_rope_cache,
+                     check_head_dim=_triton_head_dims, linear=linear, embedding=Q.make_embedding(K.dequantize),
+                     batch_invariant=batch_invariant)
     if not cuda_families:
         return triton
     check_cuda_kernels_available(name)
@@ -163,6 +183,19 @@ def get_backend(name: str) -> Backend:
     if "decode_attention" in cuda_families:
         ops.update(paged_decode_attention=C.paged_decode_attention, check_head_dim=_cuda_decode_head_dims)
     return dataclasses.replace(triton, name=name, cuda_families=cuda_families, **ops)
+
+
+def _set_weight(module: nn.Module, name: str, w) -> None:
+    """A dense weight as a buffer of `module`; a QuantizedWeight (several tensors) as a plain attribute."""
+    if isinstance(w, Q.QuantizedWeight):
+        setattr(module, name, w)
+    else:
+        module.register_buffer(name, w)
+
+
+def _matrix(backend: Backend, w):
+    """`backend.prepare_matrix(w)` for a dense matrix; a QuantizedWeight as it is (the kernels read its layout)."""
+    return w if isinstance(w, Q.QuantizedWeight) else backend.prepare_matrix(w)
 
 
 def _weight(weights: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -184,16 +217,16 @@ class DecoderLayer(nn.Module):
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
         qkv_rows = self.q_size + 2 * self.kv_size
-        mat = backend.prepare_matrix
+        def mat(name: str, shape: tuple[int, int]) -> None:
+            _set_weight(self, name, _matrix(backend, _weight(weights, p + name, shape)))
+
         self.register_buffer("input_norm", _weight(weights, p + "input_norm", (c.hidden_size,)))
-        self.register_buffer("qkv_proj", mat(_weight(weights, p + "qkv_proj", (qkv_rows, c.hidden_size))))
+        mat("qkv_proj", (qkv_rows, c.hidden_size))
         self.register_buffer("qkv_bias", _weight(weights, p + "qkv_bias", (qkv_rows,)) if c.qkv_bias else None)
-        self.register_buffer("o_proj", mat(_weight(weights, p + "o_proj", (c.hidden_size, self.q_size))))
+        mat("o_proj", (c.hidden_size, self.q_size))
         self.register_buffer("post_attn_norm", _weight(weights, p + "post_attn_norm", (c.hidden_size,)))
-        self.register_buffer("gate_up_proj",
-                             mat(_weight(weights, p + "gate_up_proj", (2 * c.intermediate_size, c.hidden_size))))
-        self.register_buffer("down_proj",
-                             mat(_weight(weights, p + "down_proj", (c.hidden_size, c.intermediate_size))))
+        mat("gate_up_proj", (2 * c.intermediate_size, c.hidden_size))
+        mat("down_proj", (c.hidden_size, c.intermediate_size))
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, rope: torch.Tensor, validate: bool):
@@ -205,12 +238,15 @@ class DecoderLayer(nn.Module):
             x = ops.fused_add_rms_norm(h, residual, self.input_norm, self.eps)
         h = self.attention(x, meta, k_cache, v_cache, rope, validate)
         x = ops.fused_add_rms_norm(h, residual, self.post_attn_norm, self.eps)
-        h = F.linear(ops.silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        decode = not meta.is_prefill
+        h = ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_proj, decode=decode)), self.down_proj,
+                       decode=decode)
         return h, residual
 
     def attention(self, x, meta: AttentionMetadata, k_cache, v_cache, rope, validate: bool) -> torch.Tensor:
         ops, T = self.ops, x.shape[0]
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
+        decode = not meta.is_prefill
+        qkv = ops.linear(x, self.qkv_proj, self.qkv_bias, decode=decode)
         # Strided views into the fused output: no copies.
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
@@ -225,7 +261,7 @@ class DecoderLayer(nn.Module):
             o = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                                            max_seq_len=meta.max_seq_len, workspace=meta.decode_workspace,
                                            validate=validate)
-        return F.linear(o.reshape(T, self.q_size), self.o_proj)
+        return ops.linear(o.reshape(T, self.q_size), self.o_proj, decode=decode)
 
 
 class LlamaModel(nn.Module):
@@ -244,14 +280,13 @@ class LlamaModel(nn.Module):
         self.config = c
         self.ops = backend
         self.validate = validate  # device-reading input checks in the kernels (debug mode)
-        self.register_buffer("embed_tokens", _weight(weights, "embed_tokens", (c.vocab_size, c.hidden_size)))
+        _set_weight(self, "embed_tokens", _weight(weights, "embed_tokens", (c.vocab_size, c.hidden_size)))
         self.layers = nn.ModuleList(DecoderLayer(c, weights, i, backend) for i in range(c.num_layers))
         self.register_buffer("norm", _weight(weights, "norm", (c.hidden_size,)))
         if c.tie_word_embeddings:  # the embedding itself, or its copy in the backend's matrix layout
-            self.lm_head = backend.prepare_matrix(self.embed_tokens)
+            self.lm_head = _matrix(backend, self.embed_tokens)
         else:
-            self.register_buffer("lm_head", backend.prepare_matrix(
-                _weight(weights, "lm_head", (c.vocab_size, c.hidden_size))))
+            _set_weight(self, "lm_head", _matrix(backend, _weight(weights, "lm_head", (c.vocab_size, c.hidden_size))))
         self.register_buffer("rope", backend.build_rope_cache(
             c.head_dim, max_positions or c.max_position_embeddings, c.rope_theta, c.rope_scaling,
             device=self.embed_tokens.device))
@@ -259,7 +294,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         """Run T tokens through all layers; return the final-norm hidden state `[B, hidden]` of each
         sequence's last token (prefill) or of each token (decode)."""
-        h, residual = F.embedding(input_ids, self.embed_tokens), None
+        h, residual = self.ops.embedding(input_ids, self.embed_tokens, self.norm.dtype), None
         for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v):
             h, residual = layer(h, residual, meta, k_cache, v_cache, self.rope, self.validate)
         if meta.logits_indices is not None:  # norm and LM head only where a next token is needed
@@ -276,4 +311,4 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full logits `[B, vocab]` (not used for decoding: `sample` never writes them)."""
-        return F.linear(hidden, self.lm_head)
+        return self.ops.linear(hidden, self.lm_head)

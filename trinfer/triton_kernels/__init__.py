@@ -7,10 +7,12 @@ On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before this pa
 from .activation import silu_and_mul
 from .attention import decode_workspace_numel, paged_decode_attention, paged_prefill_attention
 from .kv_cache import write_kv_cache
+from .linear import dequantize, linear
 from .lm_head import lm_head_greedy
 from .rms_norm import fused_add_rms_norm, rms_norm
 from .rotary import apply_rotary, build_rope_cache, rotary_write_kv_cache
 from .sampling import greedy_sample
+from .weight_formats import QuantizedWeight
 
 __all__ = [
     "rms_norm",
@@ -25,4 +27,7 @@ __all__ = [
     "paged_prefill_attention",
     "paged_decode_attention",
     "decode_workspace_numel",
+    "linear",
+    "dequantize",
+    "QuantizedWeight",
 ]
