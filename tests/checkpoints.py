@@ -445,3 +445,70 @@ def make_gguf_checkpoint(
     w.write_tensors_to_file()
     w.close()
     return path, hf_dir
+
+
+# ---------------------------------------------------------------------- AWQ / GPTQ 4-bit checkpoints
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ packs output column 8c + AWQ_ORDER[i] into bits 4i of word c
+_QUANTIZED_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _words(fields: torch.Tensor) -> torch.Tensor:
+    """[..., 8] integers 0..15 -> int32 [...], field i at bits 4i (two's complement for the top bit)."""
+    word = sum(fields[..., i].to(torch.int64) << (4 * i) for i in range(8))
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+
+
+def make_quantized_hf_checkpoint(tmp_dir: str | os.PathLike, method: str, group_size: int, *, sym: bool = False,
+                                 checkpoint_format: str = "gptq", seed: int = 0, **overrides
+                                 ) -> tuple[str, dict[str, torch.Tensor]]:
+    """A tiny llama checkpoint whose q/k/v/o/gate/up/down layers are stored as an AWQ (GEMM) or GPTQ 4-bit
+    checkpoint would store them (packing written here from the formats' public descriptions, independently of
+    trinfer's loader). Returns (directory, {hf module name: the float64 [N, K] matrix the packed tensors stand
+    for}). GPTQ `checkpoint_format` "gptq" stores zero points minus 1, "gptq_v2" as they are; `sym` uses the
+    zero point 8 everywhere (GPTQ only). Layer widths must be multiples of 8 and of `group_size` along K."""
+    from safetensors.torch import load_file, save_file
+
+    name = f"{method}-g{group_size}-{'sym' if sym else 'asym'}-{checkpoint_format}"
+    path = make_hf_checkpoint(tmp_dir, "llama", name=name, seed=seed, **overrides)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    expected = {}
+    for key in list(state):
+        module = key.removesuffix(".weight")
+        if not key.endswith(".weight") or module.rsplit(".", 1)[-1] not in _QUANTIZED_LAYERS:
+            continue
+        w = state.pop(key).double()
+        n, k = w.shape
+        g = w.view(n, k // group_size, group_size)
+        if sym:
+            s = (g.abs().amax(dim=2) / 7.5).half()
+            z = torch.full_like(s, 8, dtype=torch.int64)
+        else:
+            lo, hi = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+            s = ((hi - lo) / 15).half()
+            z = torch.round(-lo / s.double()).clamp(0, 15).to(torch.int64)
+        q = torch.round(g / s.double()[:, :, None] + z[:, :, None]).clamp(0, 15).to(torch.int64)  # [n, groups, G]
+        expected[module] = ((q - z[:, :, None]).double() * s.double()[:, :, None]).view(n, k)
+        q = q.view(n, k)
+        if method == "gptq":
+            stored_z = (z - (1 if checkpoint_format == "gptq" else 0)) & 0xF           # [n, groups]
+            state[module + ".qweight"] = _words(q.t().reshape(k // 8, 8, n).permute(0, 2, 1))  # [K/8, N]
+            state[module + ".qzeros"] = _words(stored_z.t().reshape(-1, n // 8, 8))              # [groups, N/8]
+            state[module + ".g_idx"] = (torch.arange(k) // group_size).to(torch.int32)
+            state[module + ".bias"] = torch.zeros(n, dtype=torch.float16)  # what GPTQ writers save for no bias
+        else:
+            order = list(AWQ_ORDER)
+            state[module + ".qweight"] = _words(q.t().reshape(k, n // 8, 8)[:, :, order])       # [K, N/8]
+            state[module + ".qzeros"] = _words(z.t().reshape(-1, n // 8, 8)[:, :, order])         # [groups, N/8]
+        state[module + ".scales"] = s.t().contiguous()                                          # [groups, N]
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    if method == "gptq":
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": sym,
+              "checkpoint_format": checkpoint_format}
+    else:
+        qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    cfg["quantization_config"] = qc
+    _write_json(os.path.join(path, "config.json"), cfg)
+    return path, expected

@@ -37,8 +37,8 @@ from trinfer.triton_kernels.weight_formats import (
 )
 
 __all__ = ["QUANTIZE_CHOICES", "LINEAR_WEIGHTS", "quantize_weight", "quantize_weights", "gguf_weight",
-           "assemble_fused", "pack_int4", "dequantize_weights", "to_dense", "random_weight", "make_linear", "make_embedding",
-           "make_lm_head_greedy", "check_quantize"]
+           "assemble_fused", "pack_int4", "dequantize_weights", "to_dense", "random_weight", "make_linear",
+           "make_embedding", "make_lm_head_greedy", "check_quantize"]
 
 QUANTIZE_CHOICES = ("int8", "int4")
 DEFAULT_INT4_GROUP = 128
@@ -172,8 +172,8 @@ def random_weight(fmt: str, shape: tuple[int, int], *, device: torch.device | st
     blocks = n * k // GGUF_BLOCK
     rand = torch.randint(0, 256, (blocks, GGUF_BLOCK_BYTES[fmt]), dtype=torch.uint8, device=device,
                          generator=generator)
-    step = scale / (64.0 if fmt == "q8_0" else 4.6)  # std of uniform int8 ~74, of uniform 4-bit minus 8 ~4.6
-    d = torch.full((blocks, 1), step, dtype=torch.float16, device=device)
+    step = scale / (74.0 if fmt == "q8_0" else 4.6)  # std of uniform int8 ~74, of uniform 4-bit minus 8 ~4.6
+    d = (torch.rand((blocks, 1), device=device, generator=generator) + 0.5).mul_(step).half()  # 0.5..1.5 steps
     rand[:, 0:2] = d.view(torch.uint8)
     if fmt == "q4_1":
         rand[:, 2:4] = (d * -8.0).view(torch.uint8)  # m = -8 d: centred like q4_0

@@ -31,18 +31,24 @@ def linear_launch_config(n: int, k: int, fmt: str, dtype: torch.dtype, *, interp
 
     Independent of the number of rows (batch invariance). On a GPU: BLOCK_N is the widest of 64/32/16 that still
     gives >= 256 programs (two per SM of a 132-SM H100/H200), so small layers spread over the whole chip;
-    BLOCK_K is 128 for BLOCK_N 64 and 256 otherwise (half in fp32), at most K rounded up to a power of two.
-    Under the Triton interpreter (`interpreter`, default: whether it is on), where a program costs milliseconds
-    whatever its size, tiles are 128 columns by the whole K (up to 2048).
+    BLOCK_K is 128, or 256 for dense and int8 weights in 16/32-column programs (the formats decoded in fp32
+    registers keep 128 there: at 256 and four row tiles the compiler spills), halved for fp32 activations
+    and at most K rounded up to a power of two.
+    Under the Triton interpreter (`interpreter`, default: whether it is on), whose cost is per operation far more
+    than per element, tiles are as large as it allows: up to 1024 x 1024 (its limit is 2^20 elements).
     """
     if interpreter is None:
         interpreter = interpreting()
     kp2 = max(32, triton.next_power_of_2(k))
     if interpreter:
-        return dict(block_n=128, block_k=min(kp2, 256), num_warps=4)
+        block_k = min(kp2, 1024)
+        return dict(block_n=min(max(16, triton.next_power_of_2(n)), 2**20 // block_k, 1024), block_k=block_k,
+                    num_warps=4)
     block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= 256), 16)
-    block_k = (128 if block_n == 64 else 256) // (2 if dtype == torch.float32 else 1)
-    return dict(block_n=block_n, block_k=min(block_k, kp2), num_warps=4)
+    block_k = 256 if block_n < 64 and fmt in ("dense", "int8") else 128
+    if dtype == torch.float32:
+        block_k //= 2
+    return dict(block_n=block_n, block_k=max(32, min(block_k, kp2)), num_warps=4)
 
 
 def linear_num_stages(m_tiles: int) -> int:
@@ -210,7 +216,8 @@ def aot_specs() -> list[AotSpec]:
     for dtype in (torch.float16, torch.float32):
         for fmt, group in (("dense", 0), ("int4", 64)):
             specs.append(_linear_spec(fmt, group, dtype, 4096, 4096, 4))
-    specs.append(_linear_spec("dense", 0, torch.bfloat16, 8192, 2048, 2))  # BLOCK_N 32
+    for fmt, group in (("dense", 0), ("int4", 128), ("q4_1", 32)):
+        specs.append(_linear_spec(fmt, group, torch.bfloat16, 8192, 2048, 4))  # BLOCK_N 32
     for fmt, group in formats[1:]:
         s_type = {"int8": "fp32", "int4": "fp16"}.get(fmt, "fp16")
         w_type = {"int8": "i8", "int4": "i32", "q8_0": "i8"}.get(fmt, "u8")

@@ -33,7 +33,8 @@ ROW_TILE = tl.constexpr(16)  # rows of x per accumulator (fixed: batch invarianc
 def _weight_tile(w_ptr, w_stride_n, s_ptr, s_stride_n, z_ptr, z_stride_n, cols, col_ok, k0, K,
                  FORMAT: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[cols, k0:k0 + BLOCK_K] decoded: `[BLOCK_N, BLOCK_K]`, fp32 for quantized formats (int8: q alone, without
-    its row scale), W's own dtype for dense; 0 outside N and K."""
+    its row scale), W's own dtype for dense; 0 outside N and K. (One branch per format, one return: the compiler
+    would also build the code after a return inside a constexpr branch.)"""
     n64 = cols.to(tl.int64)[:, None]
     if FORMAT == FMT_INT4:
         # 8 weights per int32 word along K: load the words (contiguous), split them into 4-bit fields.
@@ -45,39 +46,40 @@ def _weight_tile(w_ptr, w_stride_n, s_ptr, s_stride_n, z_ptr, z_stride_n, cols, 
         g = (wk * 8 // GROUP)[None, :]  # a word never straddles two groups (GROUP % 8 == 0)
         s = tl.load(s_ptr + n64 * s_stride_n + g, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + n64 * z_stride_n + g, mask=ok, other=0).to(tl.float32)
-        w = (q.to(tl.float32) - z[:, :, None]) * s[:, :, None]
-        return tl.reshape(w, (BLOCK_N, BLOCK_K))
-    k = k0 + tl.arange(0, BLOCK_K)
-    ok = col_ok[:, None] & (k < K)[None, :]
-    if FORMAT == FMT_DENSE:
-        return tl.load(w_ptr + n64 * w_stride_n + k[None, :], mask=ok, other=0.0)
-    if FORMAT == FMT_INT8:
-        return tl.load(w_ptr + n64 * w_stride_n + k[None, :], mask=ok, other=0).to(tl.float32)
-    # GGUF: BLOCK_K // 32 blocks of 32 weights per row; s_ptr views the same bytes as fp16 (d, and m for Q4_1).
-    NB: tl.constexpr = BLOCK_K // 32
-    b = k0 // 32 + tl.arange(0, NB)
-    ok = col_ok[:, None] & (b * 32 < K)[None, :]                       # [BLOCK_N, NB]
-    if FORMAT == FMT_Q8_0:  # 34 bytes: fp16 d | 32 int8 q
-        j = tl.arange(0, 32)[None, None, :]
-        q = tl.load(w_ptr + n64[:, :, None] * w_stride_n + (b * 34 + 2)[None, :, None] + j, mask=ok[:, :, None],
-                    other=0).to(tl.float32)
-        d = tl.load(s_ptr + n64 * s_stride_n + (b * 17)[None, :], mask=ok, other=0.0).to(tl.float32)
-        return tl.reshape(q * d[:, :, None], (BLOCK_N, BLOCK_K))
-    # Q4_0 / Q4_1: 16 bytes per block after the header; byte j holds weight j (low nibble) and j + 16 (high).
-    HEAD: tl.constexpr = 2 if FORMAT == FMT_Q4_0 else 4
-    BYTES: tl.constexpr = 18 if FORMAT == FMT_Q4_0 else 20
-    j = tl.arange(0, 16)[None, None, :]
-    byte = tl.load(w_ptr + n64[:, :, None] * w_stride_n + (b * BYTES + HEAD)[None, :, None] + j, mask=ok[:, :, None],
-                   other=0)                                              # [BLOCK_N, NB, 16] uint8
-    shift = (tl.arange(0, 2) * 4).to(tl.uint8)[None, None, :, None]
-    q = ((byte[:, :, None, :] >> shift) & 0xF).to(tl.float32)          # [BLOCK_N, NB, 2, 16]: low, high
-    d = tl.load(s_ptr + n64 * s_stride_n + (b * (BYTES // 2))[None, :], mask=ok, other=0.0).to(tl.float32)
-    if FORMAT == FMT_Q4_0:
-        w = (q - 8.0) * d[:, :, None, None]
+        w = tl.reshape((q.to(tl.float32) - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    elif FORMAT == FMT_DENSE or FORMAT == FMT_INT8:
+        k = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + n64 * w_stride_n + k[None, :], mask=col_ok[:, None] & (k < K)[None, :], other=0)
+        if FORMAT == FMT_INT8:
+            w = w.to(tl.float32)
     else:
-        m = tl.load(s_ptr + n64 * s_stride_n + (b * (BYTES // 2) + 1)[None, :], mask=ok, other=0.0).to(tl.float32)
-        w = q * d[:, :, None, None] + m[:, :, None, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+        # GGUF: BLOCK_K // 32 blocks of 32 weights per row; s_ptr views the same bytes as fp16 (d, then m for Q4_1).
+        NB: tl.constexpr = BLOCK_K // 32
+        b = k0 // 32 + tl.arange(0, NB)
+        ok = col_ok[:, None] & (b * 32 < K)[None, :]                   # [BLOCK_N, NB]
+        if FORMAT == FMT_Q8_0:  # 34 bytes: fp16 d | 32 int8 q
+            j = tl.arange(0, 32)[None, None, :]
+            q = tl.load(w_ptr + n64[:, :, None] * w_stride_n + (b * 34 + 2)[None, :, None] + j,
+                        mask=ok[:, :, None], other=0).to(tl.float32)
+            d = tl.load(s_ptr + n64 * s_stride_n + (b * 17)[None, :], mask=ok, other=0.0).to(tl.float32)
+            w = tl.reshape(q * d[:, :, None], (BLOCK_N, BLOCK_K))
+        else:  # Q4_0 / Q4_1: after the header, 16 bytes; byte j holds weight j (low nibble) and j + 16 (high)
+            HEAD: tl.constexpr = 2 if FORMAT == FMT_Q4_0 else 4
+            BYTES: tl.constexpr = 18 if FORMAT == FMT_Q4_0 else 20
+            j = tl.arange(0, 16)[None, None, :]
+            byte = tl.load(w_ptr + n64[:, :, None] * w_stride_n + (b * BYTES + HEAD)[None, :, None] + j,
+                           mask=ok[:, :, None], other=0)                 # [BLOCK_N, NB, 16] uint8
+            shift = (tl.arange(0, 2) * 4).to(tl.uint8)[None, None, :, None]
+            q = ((byte[:, :, None, :] >> shift) & 0xF).to(tl.float32)  # [BLOCK_N, NB, 2, 16]: low, high
+            d = tl.load(s_ptr + n64 * s_stride_n + (b * (BYTES // 2))[None, :], mask=ok, other=0.0).to(tl.float32)
+            if FORMAT == FMT_Q4_0:
+                w = (q - 8.0) * d[:, :, None, None]
+            else:
+                m = tl.load(s_ptr + n64 * s_stride_n + (b * (BYTES // 2) + 1)[None, :], mask=ok,
+                            other=0.0).to(tl.float32)
+                w = q * d[:, :, None, None] + m[:, :, None, None]
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    return w
 
 
 @triton.jit
