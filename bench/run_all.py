@@ -4,7 +4,8 @@
     python -m bench.run_all --quick --out DIR [--budget-s 120] [--only rms_norm,decode_attention]
 
 `--only` takes script names (rms_norm, sampling, rotary, silu_and_mul, kv_cache, prefill_attention,
-decode_attention) or kernel names (e.g. fused_add_rms_norm). All flags of a kernel script apply.
+decode_attention, linear) or kernel names (e.g. fused_add_rms_norm, linear[int4]). All flags of a kernel
+script apply.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from bench import harness as H
 
 # Attention first: it matters most and costs most, so under a time budget (the GPU check) it is never the
 # part that gets cut; the row-wise kernels after it take a fraction of a second per row.
-SCRIPTS = ("decode_attention", "prefill_attention", "rms_norm", "silu_and_mul", "rotary",
+SCRIPTS = ("decode_attention", "prefill_attention", "linear", "rms_norm", "silu_and_mul", "rotary",
            "kv_cache", "sampling")
 
 

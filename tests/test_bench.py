@@ -35,6 +35,8 @@ SCRIPTS = [
     ("bench_kv_cache", ("write_kv_cache",), False),
     ("bench_prefill_attention", ("paged_prefill_attention",), False),
     ("bench_decode_attention", ("paged_decode_attention",), False),
+    ("bench_linear", ("linear[dense]", "linear[int8]", "linear[int4]", "linear[q8_0]", "linear[q4_0]",
+                      "linear[q4_1]"), False),
 ]
 
 NOT_LANDED = ("ImportError: trinfer.triton_kernels has no", "ImportError: trinfer.triton_kernels.references has no")
@@ -137,6 +139,7 @@ def test_quantiles_and_timing():
 
 def test_byte_and_flop_counts():
     from bench.bench_decode_attention import decode_attention_bytes, decode_attention_flops
+    from bench.bench_linear import linear_bytes, weight_bytes
     from bench.bench_kv_cache import write_kv_cache_bytes
     from bench.bench_prefill_attention import causal_pairs, prefill_attention_bytes, prefill_attention_flops
     from bench.bench_rms_norm import fused_add_rms_norm_bytes, rms_norm_bytes
@@ -163,6 +166,15 @@ def test_byte_and_flop_counts():
         causal_pairs(5, 4)
     assert prefill_attention_flops(4, 4, 2, 8) == 4 * 2 * 8 * 10
     assert prefill_attention_bytes(4, 4, 2, 1, 8, 2, 16) == 2 * 4 * 2 * 8 * 2 + 2 * 4 * 1 * 8 * 2 + 4 + 12
+    # linear: the weight in its format (int4 [8, 64], groups of 32: 8 words, 2 fp16 scales, 2 uint8 zeros per
+    # row), then x read and y written; each count equals the bytes of a weight made in that format.
+    assert linear_bytes("int4", 3, 8, 64, 2, 32) == 8 * 8 * 4 + 8 * 2 * 3 + 3 * 64 * 2 + 3 * 8 * 2
+    assert weight_bytes("q4_1", 8, 64, 2) == 8 * 2 * 20 and weight_bytes("dense", 8, 64, 2) == 8 * 64 * 2
+    from trinfer.runtime.quantization import random_weight
+
+    for fmt in ("int8", "int4", "q8_0", "q4_0", "q4_1"):
+        assert weight_bytes(fmt, 8, 200 if fmt.startswith("int") else 96, 2) == random_weight(
+            fmt, (8, 200 if fmt.startswith("int") else 96), device="cpu").nbytes, fmt
 
 
 def test_rel_l2_error():

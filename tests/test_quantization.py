@@ -66,16 +66,16 @@ def tiny_qwen2(tmp_path_factory):
                               num_key_value_heads=1, intermediate_size=256)
 
 
-def test_quantize_at_load_decodes_the_torch_oracle_tokens(tiny_qwen2):
+def test_quantize_at_load_decodes_the_torch_oracle_tokens(tiny_qwen2, device):
     """`quantize="int4"`: the Triton path (kernels on the packed weights, under the interpreter) decodes the tokens
     of the torch backend, which runs the same quantized values decoded to dense."""
     prompts = [[1, 5, 9, 200, 33], [1, 77, 3]]
-    loaded = load_model_files(tiny_qwen2, device="cpu", dtype=torch.float32, quantize="int4", keep_quantized=True,
+    loaded = load_model_files(tiny_qwen2, device=device, dtype=torch.float32, quantize="int4", keep_quantized=True,
                               progress=False)
     qkv = loaded.weights["layers.0.qkv_proj"]
     assert isinstance(qkv, QuantizedWeight) and qkv.format == "int4" and qkv.group_size == 128
     assert isinstance(loaded.weights["layers.0.qkv_bias"], torch.Tensor)  # biases, norms, embeddings stay dense
-    dense = load_model_files(tiny_qwen2, device="cpu", dtype=torch.float32, quantize="int4", keep_quantized=False,
+    dense = load_model_files(tiny_qwen2, device=device, dtype=torch.float32, quantize="int4", keep_quantized=False,
                              progress=False)
     assert torch.equal(dense.weights["layers.1.down_proj"],
                        dequantize_ref(loaded.weights["layers.1.down_proj"]).float())
@@ -121,12 +121,12 @@ def test_awq_gptq_checkpoints_load_without_dequantizing(method, group, sym, fmt,
     assert isinstance(loaded.weights["embed_tokens"], torch.Tensor)
 
 
-def test_gptq_checkpoint_decodes_the_dequantized_tokens_on_the_kernels(tmp_path):
+def test_gptq_checkpoint_decodes_the_dequantized_tokens_on_the_kernels(tmp_path, device):
     path, _ = make_quantized_hf_checkpoint(tmp_path, "gptq", 64, hidden_size=128, num_attention_heads=2,
                                            num_key_value_heads=1, intermediate_size=256)
     prompts = [[1, 40, 41, 42], [1, 300]]
-    want = _greedy(Engine(path, backend="torch", device="cpu", block_size=4), prompts, 4)
-    assert _greedy(Engine(path, backend="triton", device="cpu", block_size=4), prompts, 4) == want
+    want = _greedy(Engine(path, backend="torch", device=device, dtype="float32", block_size=4), prompts, 4)
+    assert _greedy(Engine(path, backend="triton", device=device, dtype="float32", block_size=4), prompts, 4) == want
 
 
 @pytest.mark.parametrize("change, field", [
@@ -176,20 +176,21 @@ def test_loader_refuses_an_unsupported_config_and_a_missing_part(tmp_path):
 # ---------------------------------------------------------------------- GGUF blocks kept as they are
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_tiny_gguf_native_blocks_decode_the_dequantized_tokens(qtype, tmp_path):
+def test_tiny_gguf_native_blocks_decode_the_dequantized_tokens(qtype, tmp_path, device):
     pytest.importorskip("gguf")
     path, _ = make_gguf_checkpoint(tmp_path, qtype=qtype, hidden_size=128, num_attention_heads=2,
                                    num_key_value_heads=1, tie_word_embeddings=True)
-    native = load_model_files(path, device="cpu", dtype=torch.float32, keep_quantized=True, progress=False)
+    native = load_model_files(path, device=device, dtype=torch.float32, keep_quantized=True, progress=False)
     qkv, emb = native.weights["layers.0.qkv_proj"], native.weights["embed_tokens"]
     assert isinstance(qkv, QuantizedWeight) and qkv.format == qtype.lower() and emb.format == qtype.lower()
     prompts = [[1, 10, 20, 30], [1, 99]]
-    want = _greedy(Engine(path, backend="torch", device="cpu", block_size=4), prompts, 4)
+    want = _greedy(Engine(path, backend="torch", device=device, dtype="float32", block_size=4), prompts, 4)
     assert _greedy(Engine(native, backend="triton", block_size=4), prompts, 4) == want
 
 
-def _truncated(loaded: LoadedModel, layers: int, vocab: int) -> LoadedModel:
-    """The first `layers` layers and `vocab` vocabulary rows of a model (a cheap model of real weights)."""
+def _truncated(loaded: LoadedModel, layers: int, vocab: int, device) -> LoadedModel:
+    """The first `layers` layers and `vocab` vocabulary rows of a model (a cheap model of real weights), on
+    `device`."""
     config = dataclasses.replace(loaded.config, num_layers=layers, vocab_size=vocab)
     weights = {}
     for name, w in loaded.weights.items():
@@ -197,7 +198,7 @@ def _truncated(loaded: LoadedModel, layers: int, vocab: int) -> LoadedModel:
             continue
         if name in ("embed_tokens", "lm_head"):
             w = w.rows(torch.arange(vocab)) if isinstance(w, QuantizedWeight) else w[:vocab]
-        weights[name] = w
+        weights[name] = w.to(device)
     return LoadedModel(config=config, weights=weights, tokenizer=loaded.tokenizer, source=loaded.source)
 
 
@@ -224,16 +225,16 @@ def test_default_model_stays_in_its_gguf_blocks(native_default):
     assert torch.equal(dequantize_ref(emb.rows(rows)).float(), dense.weights["embed_tokens"][rows])
 
 
-def test_default_model_native_q4_1_decodes_the_dequantized_tokens(native_default):
+def test_default_model_native_q4_1_decodes_the_dequantized_tokens(native_default, device):
     """End to end on the default model's own Q4_1/Q8_0 blocks, cut to its first 2 layers and 8192 vocabulary rows
     (the whole model takes minutes per token under the interpreter): the Triton path (q/k/v, o, gate/up, down and
     the Q8_0 LM head on the linear kernel, Q8_0 embedding rows decoded by the dequantize kernel) greedily
     decodes the tokens of the torch backend on the same weights decoded to fp32."""
-    small = _truncated(native_default, 2, 8192)
+    small = _truncated(native_default, 2, 8192, device)
     dense = dataclasses.replace(small, weights=Q.dequantize_weights(dict(small.weights), torch.float32))
     prompt = small.tokenizer.encode("The capital of France is", add_special_tokens=True)
     assert max(prompt) < 8192
-    kw = dict(device="cpu", block_size=16, num_kv_blocks=8, max_model_len=128)
+    kw = dict(device=device, block_size=16, num_kv_blocks=8, max_model_len=128)
     want = _greedy(Engine(dense, backend="torch", **kw), [prompt], 4)
     assert _greedy(Engine(small, backend="triton", **kw), [prompt], 4) == want
 
@@ -269,11 +270,11 @@ def test_linear_policy():
         get_backend("torch", batch_invariant=True)
 
 
-def test_batch_invariant_decode_does_not_depend_on_the_batch(tmp_path):
+def test_batch_invariant_decode_does_not_depend_on_the_batch(tmp_path, device):
     """batch_invariant=True: a sequence's decode tokens and log-probabilities are bitwise the same decoded alone
     and decoded beside two others (each prompt prefilled alone in both runs, so only decode batches differ)."""
     path = make_hf_checkpoint(tmp_path, "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
-    kw = dict(backend="triton", device="cpu", block_size=4, batch_invariant=True)
+    kw = dict(backend="triton", device=device, dtype="float32", block_size=4, batch_invariant=True)
 
     def run(others: list[list[int]]):
         eng = Engine(path, **kw)

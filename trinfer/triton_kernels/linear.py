@@ -143,7 +143,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
 
 # ---------------------------------------------------------------------------------------------- dequantize
 
-DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256
+DEQUANT_BLOCK_N, DEQUANT_BLOCK_K = 32, 256  # on a GPU: 8192 weights per program
+
+
+def dequantize_launch_config(n: int, k: int, *, interpreter: bool | None = None) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the dequantize kernel; under the interpreter, tiles as large as it allows."""
+    if interpreter if interpreter is not None else interpreting():
+        block_k = min(max(32, triton.next_power_of_2(k)), 1024)
+        return min(max(16, triton.next_power_of_2(n)), 2**20 // block_k, 1024), block_k
+    return DEQUANT_BLOCK_N, DEQUANT_BLOCK_K
 
 
 @torch.library.custom_op("trinfer::dequantize", mutates_args=("out",))
@@ -151,9 +159,10 @@ def _dequantize_op(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch
                    fmt: str, group: int) -> None:
     n, k = out.shape
     w, w_sn, s, s_sn, z, z_sn = _kernel_weight_args(fmt, data, scales, zeros)
-    dequantize_kernel[(triton.cdiv(n, DEQUANT_BLOCK_N), triton.cdiv(k, DEQUANT_BLOCK_K))](
+    block_n, block_k = dequantize_launch_config(n, k)
+    dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         w, w_sn, s, s_sn, z, z_sn, n, k, out, out.stride(0),
-        FORMAT=_FORMAT_IDS[fmt], GROUP=group, BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K, num_warps=4,
+        FORMAT=_FORMAT_IDS[fmt], GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
 
 
