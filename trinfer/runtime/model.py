@@ -165,13 +165,12 @@ def get_backend(name: str, *, batch_invariant: bool = False) -> Backend:
         return Backend("torch", T.rms_norm, T.fused_add_rms_norm, T.rotary_write_kv_cache, T.silu_and_mul,
                        T.paged_prefill_attention, T.paged_decode_attention, lm_head_greedy, K.build_rope_cache,
                        prepare_matrix=T.prepare_matrix)
-    # The fused LM head + argmax: the logits never go to memory (a quantized head: linear, then the argmax).
-    linear = Q.make_linear(K.linear, K.dequantize, batch_invariant=batch_invariant)
+    # The fused LM head + argmax (dense or quantized weight): the logits never go to memory.
     triton = Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
-                     K.paged_prefill_attention, K.paged_decode_attention,
-                     Q.make_lm_head_greedy(K.lm_head_greedy, linear, K.greedy_sample), K.build_rope_cache,
-                     check_head_dim=_triton_head_dims, linear=linear, embedding=Q.make_embedding(K.dequantize),
-                     batch_invariant=batch_invariant)
+                     K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache,
+                     check_head_dim=_triton_head_dims,
+                     linear=Q.make_linear(K.linear, K.dequantize, batch_invariant=batch_invariant),
+                     embedding=Q.make_embedding(K.dequantize), batch_invariant=batch_invariant)
     if not cuda_families:
         return triton
     check_cuda_kernels_available(name)

@@ -13,7 +13,7 @@ The formats (`QuantizedWeight`: int8, int4, GGUF Q8_0/Q4_0/Q4_1) are defined in
 - `gguf_weight`: a GGUF tensor's Q8_0/Q4_0/Q4_1 bytes as a `QuantizedWeight`, without decoding them.
 - `assemble_fused`: q/k/v (or gate/up) parts into one fused weight; quantized parts of one format are stacked
   as they are, anything mixed is decoded into one dense matrix.
-- `make_linear` / `make_embedding` / `make_lm_head_greedy`: the model's matrix products on a backend's kernels.
+- `make_linear` / `make_embedding`: the model's matrix products and embedding rows on a backend's kernels.
   Decode steps run on the batch-invariant `linear` kernel when the weight is quantized or when
   `batch_invariant` is asked for; prefill runs the kernel for quantized weights up to `MAX_ROWS` rows, and
   beyond that dequantizes the weight and calls torch's matmul (dense weights: torch's matmul).
@@ -38,7 +38,7 @@ from trinfer.triton_kernels.weight_formats import (
 
 __all__ = ["QUANTIZE_CHOICES", "LINEAR_WEIGHTS", "quantize_weight", "quantize_weights", "gguf_weight",
            "assemble_fused", "pack_int4", "dequantize_weights", "to_dense", "random_weight", "make_linear",
-           "make_embedding", "make_lm_head_greedy", "check_quantize"]
+           "make_embedding", "check_quantize"]
 
 QUANTIZE_CHOICES = ("int8", "int4")
 DEFAULT_INT4_GROUP = 128
@@ -214,14 +214,3 @@ def make_embedding(dequantize: Callable[[QuantizedWeight, torch.dtype], torch.Te
 
 
 torch_embedding = make_embedding(to_dense)
-
-
-def make_lm_head_greedy(fused: Callable, linear: Callable, greedy_sample: Callable) -> Callable:
-    """The LM head + argmax: the fused kernel (logits never written) for a dense weight; for a quantized one,
-    the batch-invariant `linear` writes the logits in the activation dtype and `greedy_sample` reads them."""
-    def lm_head_greedy(hidden: torch.Tensor, weight, return_logprobs: bool = False, out=None):
-        if not isinstance(weight, QuantizedWeight):
-            return fused(hidden, weight, return_logprobs=return_logprobs, out=out)
-        return greedy_sample(linear(hidden, weight, decode=True), return_logprobs=return_logprobs, out=out)
-
-    return lm_head_greedy

@@ -21,8 +21,7 @@ from .weight_formats import QuantizedWeight
 
 MAX_ROWS = 64   # rows per launch: 4 accumulators of 16 rows
 ROW_TILE = 16
-_FORMAT_IDS = {"dense": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
-FORMAT_NAMES = tuple(_FORMAT_IDS)
+FORMAT_IDS = {"dense": 0, "int8": 1, "int4": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5}
 
 
 def linear_launch_config(n: int, k: int, fmt: str, dtype: torch.dtype, *, interpreter: bool | None = None
@@ -57,7 +56,7 @@ def linear_num_stages(m_tiles: int) -> int:
     return {1: 4, 2: 3}.get(m_tiles, 2)
 
 
-def _kernel_weight_args(fmt: str, data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None):
+def kernel_weight_args(fmt: str, data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None):
     """(w, w_stride_n, s, s_stride_n, z, z_stride_n) as the kernels take them (unused pointers: `data`)."""
     if fmt == "dense":
         return data, data.stride(0), data, 0, data, 0
@@ -71,7 +70,7 @@ def _kernel_weight_args(fmt: str, data: torch.Tensor, scales: torch.Tensor | Non
 
 def _launch_linear(x2d, data, scales, zeros, bias, out2d, fmt: str, group: int, n: int, k: int) -> None:
     cfg = linear_launch_config(n, k, fmt, x2d.dtype)
-    w, w_sn, s, s_sn, z, z_sn = _kernel_weight_args(fmt, data, scales, zeros)
+    w, w_sn, s, s_sn, z, z_sn = kernel_weight_args(fmt, data, scales, zeros)
     grid = (triton.cdiv(n, cfg["block_n"]),)
     for r0 in range(0, x2d.shape[0], MAX_ROWS):
         xs, ys = x2d[r0:r0 + MAX_ROWS], out2d[r0:r0 + MAX_ROWS]
@@ -80,7 +79,7 @@ def _launch_linear(x2d, data, scales, zeros, bias, out2d, fmt: str, group: int, 
             xs, xs.stride(0), xs.stride(1), xs.shape[0], n, k,
             w, w_sn, s, s_sn, z, z_sn,
             bias if bias is not None else xs, ys, ys.stride(0),
-            FORMAT=_FORMAT_IDS[fmt], GROUP=group, HAS_BIAS=bias is not None, M_TILES=m_tiles,
+            FORMAT=FORMAT_IDS[fmt], GROUP=group, HAS_BIAS=bias is not None, M_TILES=m_tiles,
             BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], IEEE_FP32=x2d.dtype == torch.float32,
             num_warps=cfg["num_warps"], num_stages=linear_num_stages(m_tiles),
         )
@@ -97,7 +96,7 @@ def _(x, data, scales, zeros, bias, out, fmt, group, n, k):
     return None
 
 
-def _weight_parts(weight) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+def weight_parts(weight) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
     if isinstance(weight, QuantizedWeight):
         return weight.format, weight.data, weight.scales, weight.zeros, weight.group_size
     return "dense", weight, None, None, 0
@@ -136,7 +135,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.
         check_same("out", tuple(out.shape), lead + (n,), "shape")
     out2d = out if out.dim() == 2 else out.view(-1, n)
     if x2d.shape[0] and n:
-        fmt, data, scales, zeros, group = _weight_parts(weight)
+        fmt, data, scales, zeros, group = weight_parts(weight)
         _linear_op(x2d, data, scales, zeros, bias, out2d, fmt, group, n, k)
     return out
 
@@ -158,11 +157,11 @@ def dequantize_launch_config(n: int, k: int, *, interpreter: bool | None = None)
 def _dequantize_op(data: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None, out: torch.Tensor,
                    fmt: str, group: int) -> None:
     n, k = out.shape
-    w, w_sn, s, s_sn, z, z_sn = _kernel_weight_args(fmt, data, scales, zeros)
+    w, w_sn, s, s_sn, z, z_sn = kernel_weight_args(fmt, data, scales, zeros)
     block_n, block_k = dequantize_launch_config(n, k)
     dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         w, w_sn, s, s_sn, z, z_sn, n, k, out, out.stride(0),
-        FORMAT=_FORMAT_IDS[fmt], GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        FORMAT=FORMAT_IDS[fmt], GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
 
 
@@ -204,7 +203,7 @@ def _linear_spec(fmt: str, group: int, dtype: torch.dtype, n: int, k: int, m_til
                    "K": "i32:16", "w_ptr": "*" + w_type, "w_stride_n": "i32:16", "s_ptr": "*" + s_type,
                    "s_stride_n": "i32", "z_ptr": "*" + z_type, "z_stride_n": "i32", "b_ptr": "*" + t,
                    "y_ptr": "*" + t, "y_stride_m": "i32:16"},
-        constexprs={"FORMAT": _FORMAT_IDS[fmt], "GROUP": group, "HAS_BIAS": True, "M_TILES": m_tiles,
+        constexprs={"FORMAT": FORMAT_IDS[fmt], "GROUP": group, "HAS_BIAS": True, "M_TILES": m_tiles,
                     "BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"], "IEEE_FP32": dtype == torch.float32,
                     # x is contiguous in the model: the JIT specializes a unit stride to a constant
                     "x_stride_k": 1},
@@ -235,7 +234,7 @@ def aot_specs() -> list[AotSpec]:
             signature={"w_ptr": "*" + w_type, "w_stride_n": "i32:16", "s_ptr": "*" + s_type, "s_stride_n": "i32",
                        "z_ptr": "*u8", "z_stride_n": "i32", "N": "i32", "K": "i32", "out_ptr": "*bf16",
                        "out_stride_n": "i32:16"},
-            constexprs={"FORMAT": _FORMAT_IDS[fmt], "GROUP": group, "BLOCK_N": DEQUANT_BLOCK_N,
+            constexprs={"FORMAT": FORMAT_IDS[fmt], "GROUP": group, "BLOCK_N": DEQUANT_BLOCK_N,
                         "BLOCK_K": DEQUANT_BLOCK_K},
             num_warps=4, num_stages=1,
         ))

@@ -1,6 +1,8 @@
 """Fused LM head + greedy sampling: logits are never written to memory.
 
-For hidden states `h [batch, hidden]` and the LM-head weight `W [vocab, hidden]`:
+For hidden states `h [batch, hidden]` and the LM-head weight `W [vocab, hidden]` (dense in h's dtype, or in a
+quantized format of `weight_formats.py`, decoded tile by tile in registers as `linear` does; int8's row scale
+multiplies the accumulated logit):
 
     logits[b, v] = round_to_act_dtype( sum_k h[b, k] * W[v, k] )     (fp32 accumulation)
 
@@ -16,6 +18,8 @@ so each row's arithmetic is identical at any batch size: results are batch-invar
 import triton
 import triton.language as tl
 
+from .linear import FMT_INT8, _weight_tile
+
 _NO_INDEX = tl.constexpr(2147483647)
 
 
@@ -23,8 +27,12 @@ _NO_INDEX = tl.constexpr(2147483647)
 def lm_head_greedy_partial_kernel(
     h_ptr,            # [batch, hidden] fp16/bf16/fp32 final-normed hidden states, last dim contiguous
     h_row_stride,
-    w_ptr,            # [vocab, hidden] LM-head weight (same dtype), last dim contiguous
+    w_ptr,            # [vocab, hidden] LM-head weight data (FORMAT: dense in h's dtype, or quantized), rows contiguous
     w_row_stride,
+    s_ptr,            # quantized formats: scales / GGUF bytes as fp16, as for linear_kernel (dense: unused)
+    s_row_stride,
+    z_ptr,            # int4 zero points (otherwise unused)
+    z_row_stride,
     batch,
     vocab,
     hidden,
@@ -38,6 +46,8 @@ def lm_head_greedy_partial_kernel(
     ROUND_LOGITS: tl.constexpr,   # round logits to h's dtype before the argmax (matches unfused matmul)
     WITH_LOGPROBS: tl.constexpr,
     IEEE_FP32: tl.constexpr,      # fp32 inputs: full-precision products instead of tf32
+    FORMAT: tl.constexpr = 0,     # weight format (kernels/linear.py FMT_*; 0 = dense)
+    GROUP: tl.constexpr = 0,      # int4 group size
 ):
     pid_b = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -47,19 +57,21 @@ def lm_head_greedy_partial_kernel(
     col_ok = cols < vocab
     ks = tl.arange(0, BLOCK_K)
     h_base = h_ptr + rows.to(tl.int64)[:, None] * h_row_stride
-    w_base = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride
     # Swap-AB: the tile is [BLOCK_V, BLOCK_B] = W_chunk @ h_tile^T, so the large vocab side is the MMA's M
     # dimension (wgmma wants M = 64 per warpgroup) and the small batch side is N (16 is enough).
     acc = tl.zeros((BLOCK_V, BLOCK_B), dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         k = k0 + ks
         k_ok = k < hidden
-        w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _weight_tile(w_ptr, w_row_stride, s_ptr, s_row_stride, z_ptr, z_row_stride, cols, col_ok, k0, hidden,
+                         FORMAT, GROUP, BLOCK_V, BLOCK_K).to(h_ptr.dtype.element_ty)
         h = tl.load(h_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if IEEE_FP32:
             acc = tl.dot(w, tl.trans(h), acc, input_precision="ieee")
         else:
             acc = tl.dot(w, tl.trans(h), acc)
+    if FORMAT == FMT_INT8:
+        acc = acc * tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
     if ROUND_LOGITS:
         acc = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
     x = tl.where(col_ok[:, None], acc, float("-inf"))
