@@ -21,11 +21,16 @@ The greedy tokens of every system are compared with hf_eager's: `match` is the s
 the batch (random weights give small logit margins; in bf16 two correct implementations can part at a
 near-tie after some tokens, in fp32 they agree).
 
-    python -m bench.bench_e2e [--quick] [--out DIR] [--budget-s S] [--cpu-smoke]
+`--quantize int8|int4` runs trinfer on the same weights quantized at load (its decode products on the `linear`
+kernel; its step bytes count the quantized matrices), the transformers systems on the dense ones;
+`--batch-invariant` runs every trinfer decode product on `linear`.
+
+    python -m bench.bench_e2e [--quick] [--out DIR] [--budget-s S] [--cpu-smoke] [--quantize int4] [--batch-invariant]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -106,7 +111,7 @@ class _Shape:
     """One random model, its trinfer engine and its transformers twin, made once per shape."""
 
     def __init__(self, name: str, device: torch.device, dtype: torch.dtype, max_batch: int, max_len: int,
-                 backend: str, cuda_graphs: bool = True):
+                 backend: str, cuda_graphs: bool = True, quantize: str | None = None, batch_invariant: bool = False):
         from trinfer.runtime import Engine
         from trinfer.runtime.block_manager import blocks_needed
         from trinfer.runtime.random_model import hf_config_dict, random_model, weight_bytes
@@ -119,10 +124,19 @@ class _Shape:
         self.loaded = random_model(raw, device=device, dtype=dtype, seed=0)
         self.config = self.loaded.config
         self.weight_bytes = weight_bytes(self.config, dtype)
+        engine_model, self.trinfer_weight_bytes = self.loaded, self.weight_bytes
+        if quantize is not None:  # trinfer's copy quantized; transformers keeps the dense weights
+            from trinfer.runtime.quantization import quantize_weights
+
+            weights = quantize_weights(dict(self.loaded.weights), quantize)
+            engine_model = dataclasses.replace(self.loaded, weights=weights)
+            self.trinfer_weight_bytes = sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
+                                            for w in weights.values())
         blocks = max_batch * (blocks_needed(max_len, 16) + 1) + 16
-        self.engine = Engine(self.loaded, device=device, backend=backend, max_num_seqs=max_batch,
+        self.engine = Engine(engine_model, device=device, backend=backend, max_num_seqs=max_batch,
                              num_kv_blocks=blocks, max_model_len=max_len + 8,
-                             max_num_batched_tokens=max_batch * max_len, cuda_graphs=cuda_graphs)
+                             max_num_batched_tokens=max_batch * max_len, cuda_graphs=cuda_graphs,
+                             batch_invariant=batch_invariant)
         self.build_s = time.perf_counter() - t0  # CUDA-graph capture included (runner.graph_capture_s)
         self._hf = None
 
@@ -291,6 +305,9 @@ def main(argv=None) -> dict[str, Any]:
                    help="trinfer's kernels (default: triton on CUDA, torch on the CPU)")
     p.add_argument("--budget-s", type=float, default=None, help="start nothing new after this many seconds")
     p.add_argument("--no-cuda-graphs", action="store_true", help="trinfer decodes eagerly (no CUDA graphs)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="trinfer on the weights quantized at load (transformers on the dense ones)")
+    p.add_argument("--batch-invariant", action="store_true", help="trinfer decodes every product on `linear`")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     t_start = time.monotonic()
@@ -306,6 +323,7 @@ def main(argv=None) -> dict[str, Any]:
         plan["prompts"] = tuple(int(s) for s in args.prompts.split(","))
     if args.new_tokens:
         plan["new"] = args.new_tokens
+    plan.update(quantize=args.quantize, batch_invariant=args.batch_invariant)
     systems = [s.strip() for s in args.systems.split(",")]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -368,18 +386,22 @@ def main(argv=None) -> dict[str, Any]:
                     try:
                         if shape_name not in shapes:
                             shapes[shape_name] = _Shape(shape_name, device, dtype, max(plan["batches"]), max_len,
-                                                        backend, cuda_graphs=not args.no_cuda_graphs)
+                                                        backend, cuda_graphs=not args.no_cuda_graphs,
+                                                        quantize=args.quantize, batch_invariant=args.batch_invariant)
                             print(f"[e2e] {shape_name}: random model + engine in {shapes[shape_name].build_s:.1f} s "
                                   f"({shapes[shape_name].engine.runner.graph_summary()})", flush=True)
                         sh = shapes[shape_name]
                         prompts = _prompts(sh.config.vocab_size, batch, plen, seed=batch * 100003 + plen)
-                        nbytes = step_bytes(sh.config, sh.weight_bytes, batch, plen + plan["new"] / 2, elem)
+                        wbytes = sh.trinfer_weight_bytes if system == "trinfer" else sh.weight_bytes
+                        nbytes = step_bytes(sh.config, wbytes, batch, plen + plan["new"] / 2, elem)
                         t0 = time.perf_counter()
                         if system == "trinfer":
                             run_trinfer(sh, prompts, min(plan["new"], 4))  # warm-up: JIT for these shapes
                             tokens, ttft, times = run_trinfer(sh, prompts, plan["new"])
                             r = sh.engine.runner
                             note = f"{sh.engine.backend_name} backend; " + (
+                                f"{args.quantize} weights; " if args.quantize else "") + (
+                                "batch-invariant; " if args.batch_invariant else "") + (
                                 f"CUDA graphs ({len(r.graphs)} captured in {r.graph_capture_s:.1f} s, "
                                 f"{r.graph_memory_bytes / 2**20:.0f} MiB)" if r.graphs else "no CUDA graphs")
                         else:

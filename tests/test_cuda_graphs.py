@@ -332,10 +332,11 @@ def test_graph_shaped_replays_on_triton_kernels_with_a_wide_grid():
 
 
 def test_decode_step_runs_the_fused_ops():
-    """What one decode step calls, per layer: an RMSNorm fused with the residual add (a plain one in the first
-    layer), one q/k/v matmul, rotary + K/V write in one op, one decode attention on the static workspace,
-    o_proj, a fused add + RMSNorm, one gate/up matmul, SiLU-and-mul, down; then the final fused norm and the
-    fused LM head + argmax writing into the static ids: no other op, no separate sampling."""
+    """What one decode step calls: the embedding rows, then per layer an RMSNorm fused with the residual add (a
+    plain one in the first layer), one q/k/v matmul, rotary + K/V write in one op, one decode attention on the
+    static workspace, o_proj, a fused add + RMSNorm, one gate/up matmul, SiLU-and-mul, down (the four matmuls
+    through the backend's `linear`, told they are decode products); then the final fused norm and the fused LM
+    head + argmax writing into the static ids: no other op, no separate sampling."""
     import collections
     import dataclasses
 
@@ -358,7 +359,7 @@ def test_decode_step_runs_the_fused_ops():
 
     ops = runner.model.ops
     names = [f.name for f in dataclasses.fields(ops) if f.name not in ("name", "cuda_families", "check_head_dim",
-                                                                       "build_rope_cache")]
+                                                                       "build_rope_cache", "batch_invariant")]
     counted = dataclasses.replace(ops, **{n: counting(n, getattr(ops, n)) for n in names})
     runner.model.ops = counted
     for layer in runner.model.layers:
@@ -379,9 +380,11 @@ def test_decode_step_runs_the_fused_ops():
     with Linears():
         runner.run(step.decode, False)
     n_layers = tiny.config.num_layers
-    assert dict(calls) == {"rms_norm": 1, "fused_add_rms_norm": 2 * n_layers, "rotary_write_kv_cache": n_layers,
-                           "paged_decode_attention": n_layers, "silu_and_mul": n_layers, "lm_head_greedy": 1}
+    assert dict(calls) == {"embedding": 1, "rms_norm": 1, "fused_add_rms_norm": 2 * n_layers,
+                           "rotary_write_kv_cache": n_layers, "paged_decode_attention": n_layers,
+                           "linear": 4 * n_layers, "silu_and_mul": n_layers, "lm_head_greedy": 1}
     assert Linears.n == 4 * n_layers + 1  # qkv, o, gate_up, down; + the torch backend's LM-head matmul
+    assert seen["linear"]["decode"] is True  # the model tells the backend these are decode products
     assert seen["paged_decode_attention"]["workspace"] is buf.workspace
     assert seen["lm_head_greedy"]["out"][0].data_ptr() == buf.input_ids.data_ptr()
 

@@ -212,18 +212,17 @@ def _linear_spec(fmt: str, group: int, dtype: torch.dtype, n: int, k: int, m_til
 
 
 def aot_specs() -> list[AotSpec]:
-    """linear at Llama-3.2-1B's o_proj shape (BLOCK_N 16) and Llama-3-8B's gate/up shape (BLOCK_N 64) for every
-    format in bf16 with the fewest and the most row tiles; BLOCK_N 32; fp16 and fp32 for dense and int4; and the
-    dequantize kernel of every quantized format."""
+    """linear for every format in bf16 at Llama-3.2-1B's o_proj shape (BLOCK_N 16, where registers are tightest:
+    1 and 4 row tiles, int4 also 2 and 3) and Llama-3-8B's gate/up shape (BLOCK_N 64, 4 row tiles); BLOCK_N 32;
+    int4 in fp16 and dense/int4 in fp32; and the dequantize kernel of every quantized format."""
     specs = []
     formats = [("dense", 0), ("int8", 0), ("int4", 128), ("int4", 32), ("q8_0", 32), ("q4_0", 32), ("q4_1", 32)]
     for fmt, group in formats:
-        for n, k in ((2048, 2048), (28672, 4096)):
-            for m_tiles in (1, 4):
-                specs.append(_linear_spec(fmt, group, torch.bfloat16, n, k, m_tiles))
-    for dtype in (torch.float16, torch.float32):
-        for fmt, group in (("dense", 0), ("int4", 64)):
-            specs.append(_linear_spec(fmt, group, dtype, 4096, 4096, 4))
+        for m_tiles in ((1, 2, 3, 4) if (fmt, group) == ("int4", 128) else (1, 4)):
+            specs.append(_linear_spec(fmt, group, torch.bfloat16, 2048, 2048, m_tiles))
+        specs.append(_linear_spec(fmt, group, torch.bfloat16, 28672, 4096, 4))
+    for dtype, fmt, group in ((torch.float16, "int4", 64), (torch.float32, "dense", 0), (torch.float32, "int4", 64)):
+        specs.append(_linear_spec(fmt, group, dtype, 4096, 4096, 4))
     for fmt, group in (("dense", 0), ("int4", 128), ("q4_1", 32)):
         specs.append(_linear_spec(fmt, group, torch.bfloat16, 8192, 2048, 4))  # BLOCK_N 32
     for fmt, group in formats[1:]:
