@@ -17,7 +17,8 @@ Canonical weights (V vocab, H hidden, I intermediate, nq/nkv heads, hd head_dim)
     layers.{i}.gate_up_proj [2*I, H]         rows gate, then up
     layers.{i}.down_proj [H, I]
 Weights stream one tensor at a time from the files into their (preallocated) place on the device, so the
-host never holds the checkpoint twice.
+host never holds the checkpoint twice. A matrix may instead be a `QuantizedWeight` (GGUF Q8_0/Q4_0/Q4_1 blocks,
+AWQ/GPTQ layers, `quantize=`; see quantization.py): same name and shape, fused the same way.
 """
 from __future__ import annotations
 

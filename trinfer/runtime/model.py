@@ -41,7 +41,8 @@ _FUSED_ON_TRITON = {
 
 @dataclass(frozen=True)
 class Backend:
-    """The non-matmul operations of the model, with the signatures of `trinfer.triton_kernels`.
+    """The operations of the model, with the signatures of `trinfer.triton_kernels` (matrix products and
+    embedding rows through `linear` / `embedding`, which take dense or quantized weights).
 
     Keyword arguments (`validate=`, `max_q_len=`, `max_seq_len=`: checks and launch sizes) are passed on to
     the kernels; the references do not need them and ignore them.

@@ -75,7 +75,8 @@ class QuantizedWeight:
         fmt = self.format
         if fmt == "int8":
             self._check_data(torch.int8, (n, k))
-            check_tensor("scales", self.scales, dtypes=FLOAT_DTYPES, ndim=1, device=self.data.device)
+            check_tensor("scales", self.scales, dtypes=FLOAT_DTYPES, ndim=1, device=self.data.device,
+                         last_dim_contiguous=True)
             _check_shape("scales", self.scales, (n,))
             self._check_no("zeros", self.zeros)
             if self.group_size != 0:
