@@ -79,8 +79,8 @@ def test_quantize_at_load_decodes_the_torch_oracle_tokens(tiny_qwen2, device):
                              progress=False)
     assert torch.equal(dense.weights["layers.1.down_proj"],
                        dequantize_ref(loaded.weights["layers.1.down_proj"]).float())
-    want = _greedy(Engine(dense, backend="torch", block_size=4), prompts, 5)
-    assert _greedy(Engine(loaded, backend="triton", block_size=4), prompts, 5) == want
+    want = _greedy(Engine(dense, backend="torch", block_size=4), prompts, 3)
+    assert _greedy(Engine(loaded, backend="triton", block_size=4), prompts, 3) == want
 
 
 def test_cli_quantize_and_batch_invariant_flags(tiny_qwen2, capsys):
@@ -125,8 +125,8 @@ def test_gptq_checkpoint_decodes_the_dequantized_tokens_on_the_kernels(tmp_path,
     path, _ = make_quantized_hf_checkpoint(tmp_path, "gptq", 64, hidden_size=128, num_attention_heads=2,
                                            num_key_value_heads=1, intermediate_size=256)
     prompts = [[1, 40, 41, 42], [1, 300]]
-    want = _greedy(Engine(path, backend="torch", device=device, dtype="float32", block_size=4), prompts, 4)
-    assert _greedy(Engine(path, backend="triton", device=device, dtype="float32", block_size=4), prompts, 4) == want
+    want = _greedy(Engine(path, backend="torch", device=device, dtype="float32", block_size=4), prompts, 3)
+    assert _greedy(Engine(path, backend="triton", device=device, dtype="float32", block_size=4), prompts, 3) == want
 
 
 @pytest.mark.parametrize("change, field", [
@@ -175,7 +175,7 @@ def test_loader_refuses_an_unsupported_config_and_a_missing_part(tmp_path):
 
 # ---------------------------------------------------------------------- GGUF blocks kept as they are
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0"])  # Q8_0 and Q4_1: the default model's test below
 def test_tiny_gguf_native_blocks_decode_the_dequantized_tokens(qtype, tmp_path, device):
     pytest.importorskip("gguf")
     path, _ = make_gguf_checkpoint(tmp_path, qtype=qtype, hidden_size=128, num_attention_heads=2,
@@ -278,10 +278,10 @@ def test_batch_invariant_decode_does_not_depend_on_the_batch(tmp_path, device):
 
     def run(others: list[list[int]]):
         eng = Engine(path, **kw)
-        rid = eng.add_request([1, 11, 12, 13], max_new_tokens=5, ignore_eos=True)
+        rid = eng.add_request([1, 11, 12, 13], max_new_tokens=4, ignore_eos=True)
         eng.step()  # its prefill, alone
         for p in others:  # each other prompt prefilled alone, then decoded with it
-            eng.add_request(p, max_new_tokens=8, ignore_eos=True)
+            eng.add_request(p, max_new_tokens=6, ignore_eos=True)
         outs = {}
         while eng.has_unfinished():
             for out in eng.step():
