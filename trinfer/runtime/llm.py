@@ -34,14 +34,20 @@ class LLM:
     def config(self):
         return self.engine.config
 
-    def generate(self, prompts: str | list[str] | list[int] | list[list[int]], max_new_tokens: int = 256, *,
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]] | list[dict] | list[list[dict]],
+                 max_new_tokens: int = 256, *,
                  stop: str | list[str] | None = None, chat: bool = False, ignore_eos: bool = False,
+                 chat_template_kwargs: dict[str, Any] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Generate for each prompt; returns the final outputs in the order of the prompts.
 
-        prompts: a str, a list of str, a list of token ids, or a list of lists of token ids.
-        chat: apply the model's chat template to each (text) prompt, as a single user message.
+        prompts: a str, a list of str, a list of token ids, or a list of lists of token ids; with chat=True also
+            one conversation (a list of {"role", "content"} dicts) or a list of them.
+        chat: apply the model's chat template to each (text) prompt, as a single user message (or to each list of
+            {"role", "content"} messages).
+        chat_template_kwargs: extra variables of the chat template for every prompt, e.g. {"enable_thinking":
+            False} (Qwen3 answers without a <think> block); only with chat=True.
         sampling_params: one for all prompts or one per prompt, instead of max_new_tokens/stop/ignore_eos.
         on_output: called with every intermediate output (e.g. to stream `delta_text`).
         Every prompt is validated before any runs: one bad prompt raises and nothing is generated.
@@ -50,8 +56,8 @@ class LLM:
         requests and drops their undelivered outputs before it propagates: the engine is left as if the call had
         not been made, and the next call starts clean.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]  # one prompt: text, token ids, or (chat) one conversation of message dicts
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts: expected a str, a list of str, a list of token ids or a list of those; got "
                              f"{prompts!r}")
@@ -61,7 +67,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: expected {len(prompts)} (one per prompt), got {len(params)}")
         eng = self.engine
-        seqs = [eng._new_sequence(p, sp, chat=chat) for p, sp in zip(prompts, params)]
+        seqs = [eng._new_sequence(p, sp, chat=chat, chat_template_kwargs=chat_template_kwargs)
+                for p, sp in zip(prompts, params)]
         ids = [eng._enqueue(seq) for seq in seqs]  # all valid: queue them, in order
         own = {id(seq) for seq in seqs}
         final: dict[Any, RequestOutput] = {}

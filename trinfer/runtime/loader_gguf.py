@@ -1,4 +1,5 @@
-"""Load a GGUF file of the `llama` architecture (SmolLM2, TinyLlama, Llama 2/3, Mistral as llama.cpp writes them).
+"""Load a GGUF file of the `llama` architecture (SmolLM2, TinyLlama, Llama 2/3, Mistral as llama.cpp writes them)
+or of the `qwen3` architecture (dense Qwen3: q/k norm weights `attn_q_norm` / `attn_k_norm`).
 
 The file is parsed here (the GGUF v2/v3 layout: header, metadata, tensor directory, aligned data), so the
 `gguf` package is not needed at run time; tests check this reader against it. Tensors are dequantized by
@@ -7,7 +8,8 @@ then brought to Hugging Face's layout:
 - GGUF lists dims innermost first: a [ne0=H, ne1=V] tensor is the [V, H] matrix Hugging Face stores.
 - llama.cpp's converter reorders the rows of q_proj and k_proj within each head, from rotate_half's
   [first halves | second halves] to interleaved pairs, for its RoPE. `unpermute_rows` undoes it (nq heads
-  for q, nkv heads for k), so the model applies the same half-split RoPE as for safetensors.
+  for q, nkv heads for k), so the model applies the same half-split RoPE as for safetensors. Only `llama`
+  files are permuted: llama.cpp runs `qwen3` with the half-split ("NeoX") RoPE and stores q/k as they are.
 - Llama-3.1-style rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors; it is
   matched against the llama3 formula to recover Hugging Face's rope_scaling dict, and refused otherwise.
 """
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .loader import LoadedModel, WeightAssembler, _progress, _with_tokenizer_eos
 from .quantization import GGUF_TYPE_FORMATS, QuantizedWeight, gguf_weight
 from .tokenizer import Tokenizer
@@ -41,6 +43,10 @@ GGML_TYPES = {
     30: ("BF16", 1, 2),
 }
 
+# general.architecture -> the Hugging Face architecture it loads as.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+REFUSED_GGUF_ARCHITECTURES = {"qwen3moe": "Qwen3-MoE: mixture of experts", "qwen2moe": "Qwen2-MoE: mixture of experts"}
+
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 _LAYER_NAMES = {
     "attn_norm.weight": ("input_norm", None),
@@ -48,6 +54,8 @@ _LAYER_NAMES = {
     "attn_q.weight": ("qkv_proj", "q"),
     "attn_k.weight": ("qkv_proj", "k"),
     "attn_v.weight": ("qkv_proj", "v"),
+    "attn_q_norm.weight": ("q_norm", None),
+    "attn_k_norm.weight": ("k_norm", None),
     "attn_output.weight": ("o_proj", None),
     "ffn_gate.weight": ("gate_up_proj", "gate"),
     "ffn_up.weight": ("gate_up_proj", "up"),
@@ -308,39 +316,45 @@ def _rope_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int) -
 
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
-    """ModelConfig from `llama.*` metadata (and the tensors' presence: output.weight, rope_freqs.weight)."""
+    """ModelConfig from `ARCH.*` metadata (ARCH: `llama` or `qwen3`) and the tensors' presence (output.weight,
+    rope_freqs.weight)."""
     meta, tensors = gguf.metadata, gguf.tensors
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF: architecture {arch!r} is not supported; only 'llama' GGUF files can be loaded")
-    if meta.get("llama.expert_count"):
-        raise ValueError(f"GGUF: llama.expert_count={meta['llama.expert_count']}: mixture-of-experts is not supported")
-    hidden = _meta_int(meta, "llama.embedding_length")
-    heads = _meta_int(meta, "llama.attention.head_count")
-    kv_heads = _meta_int(meta, "llama.attention.head_count_kv", heads)
-    if heads <= 0 or (hidden % heads != 0 and "llama.attention.key_length" not in meta):
+    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
+        why = f" ({REFUSED_GGUF_ARCHITECTURES[arch]})" if isinstance(arch, str) and arch in REFUSED_GGUF_ARCHITECTURES \
+            else ""
+        raise ValueError(f"GGUF: architecture {arch!r} is not supported{why}; supported: "
+                         f"{', '.join(map(repr, GGUF_ARCHITECTURES))}")
+    a = arch + "."  # the prefix of the model's metadata keys
+    if meta.get(a + "expert_count"):
+        raise ValueError(f"GGUF: {a}expert_count={meta[a + 'expert_count']}: mixture-of-experts is not supported")
+    hidden = _meta_int(meta, f"{a}embedding_length")
+    heads = _meta_int(meta, f"{a}attention.head_count")
+    kv_heads = _meta_int(meta, f"{a}attention.head_count_kv", heads)
+    if heads <= 0 or (hidden % heads != 0 and f"{a}attention.key_length" not in meta):
         raise ValueError(f"GGUF: embedding_length {hidden} is not a multiple of head_count {heads}")
-    head_dim = _meta_int(meta, "llama.attention.key_length", hidden // max(heads, 1))
-    value_dim = _meta_int(meta, "llama.attention.value_length", head_dim)
+    head_dim = _meta_int(meta, f"{a}attention.key_length", hidden // max(heads, 1))
+    value_dim = _meta_int(meta, f"{a}attention.value_length", head_dim)
     if value_dim != head_dim:
-        raise ValueError(f"GGUF: llama.attention.value_length {value_dim} != key_length {head_dim}: not supported")
-    rot = _meta_int(meta, "llama.rope.dimension_count", head_dim)
+        raise ValueError(f"GGUF: {a}attention.value_length {value_dim} != key_length {head_dim}: not supported")
+    rot = _meta_int(meta, f"{a}rope.dimension_count", head_dim)
     if rot != head_dim:
-        raise ValueError(f"GGUF: llama.rope.dimension_count {rot} < head_dim {head_dim}: partial rotary is not supported")
-    theta = float(meta.get("llama.rope.freq_base", 10000.0))
+        raise ValueError(f"GGUF: {a}rope.dimension_count {rot} < head_dim {head_dim}: partial rotary is not "
+                         "supported")
+    theta = float(meta.get(f"{a}rope.freq_base", 10000.0))
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = _meta_int(meta, "llama.vocab_size", len(tokens) if tokens is not None else None)
+    vocab = _meta_int(meta, f"{a}vocab_size", len(tokens) if tokens is not None else None)
 
     scaling = None
-    kind = meta.get("llama.rope.scaling.type", "none")
+    kind = meta.get(f"{a}rope.scaling.type", "none")
     if kind == "linear":
-        if "llama.rope.scaling.factor" not in meta:
-            raise ValueError("GGUF: llama.rope.scaling.type 'linear' without llama.rope.scaling.factor")
-        scaling = {"rope_type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
-    elif "llama.rope.scale_linear" in meta:  # older files
-        scaling = {"rope_type": "linear", "factor": float(meta["llama.rope.scale_linear"])}
+        if f"{a}rope.scaling.factor" not in meta:
+            raise ValueError(f"GGUF: {a}rope.scaling.type 'linear' without {a}rope.scaling.factor")
+        scaling = {"rope_type": "linear", "factor": float(meta[f"{a}rope.scaling.factor"])}
+    elif f"{a}rope.scale_linear" in meta:  # older files
+        scaling = {"rope_type": "linear", "factor": float(meta[f"{a}rope.scale_linear"])}
     elif kind != "none":
-        raise ValueError(f"GGUF: llama.rope.scaling.type {kind!r} is not supported; supported: none, linear")
+        raise ValueError(f"GGUF: {a}rope.scaling.type {kind!r} is not supported; supported: none, linear")
     if "rope_freqs.weight" in tensors:
         if scaling is not None:
             raise ValueError("GGUF: both rope_freqs.weight and linear rope scaling; not supported")
@@ -354,21 +368,22 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
             eos.append(int(meta[key]))
     bos = meta.get("tokenizer.ggml.bos_token_id")
     return ModelConfig(
-        architecture="LlamaForCausalLM",
-        model_type="llama",
+        architecture=GGUF_ARCHITECTURES[arch],
+        model_type=SUPPORTED_ARCHITECTURES[GGUF_ARCHITECTURES[arch]],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=_meta_int(meta, "llama.feed_forward_length"),
-        num_layers=_meta_int(meta, "llama.block_count"),
+        intermediate_size=_meta_int(meta, f"{a}feed_forward_length"),
+        num_layers=_meta_int(meta, f"{a}block_count"),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=float(meta.get(f"{a}attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=_meta_int(meta, "llama.context_length"),
+        max_position_embeddings=_meta_int(meta, f"{a}context_length"),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias=False,
+        qk_norm=arch == "qwen3",
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos),
         checkpoint_dtype=torch.float32,
@@ -385,7 +400,8 @@ def gguf_canonical_name(name: str, config: ModelConfig) -> tuple[str, str | None
     if match is not None and int(match.group(1)) < config.num_layers and match.group(2) in _LAYER_NAMES:
         canon, part = _LAYER_NAMES[match.group(2)]
         return f"layers.{match.group(1)}.{canon}", part
-    raise ValueError(f"GGUF: unexpected tensor {name!r} (not part of a llama model with {config.num_layers} layers)")
+    raise ValueError(f"GGUF: unexpected tensor {name!r} (not part of a {config.model_type} model with "
+                     f"{config.num_layers} layers)")
 
 
 def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
@@ -398,14 +414,16 @@ def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
 
 def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool = True,
               keep_quantized: bool = False) -> LoadedModel:
-    """Config, canonical weights and tokenizer of a llama GGUF file (see load_model_files). keep_quantized: the
-    matrices stored as Q8_0/Q4_0/Q4_1 stay in their blocks (`quantization.gguf_weight`), else are decoded."""
+    """Config, canonical weights and tokenizer of a llama or qwen3 GGUF file (see load_model_files).
+    keep_quantized: the matrices stored as Q8_0/Q4_0/Q4_1 stay in their blocks (`quantization.gguf_weight`), else
+    are decoded."""
     gguf = read_gguf(path)
     try:
         config = gguf_config(gguf)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, eos_token_ids=config.eos_token_ids)
         config = _with_tokenizer_eos(config, tokenizer)
         assembler = WeightAssembler(config, device=device, dtype=dtype)
+        permuted = config.architecture == "LlamaForCausalLM"  # llama.cpp's q/k row order (see the docstring)
         with _progress(len(gguf.tensors), f"loading {os.path.basename(path)}", progress) as bar:
             for t in gguf.tensors.values():
                 target = gguf_canonical_name(t.name, config)
@@ -415,7 +433,7 @@ def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: 
                         weight = gguf_weight(gguf.raw(t).to(device, copy=True), t.type_name, t.shape)  # off the map
                     else:
                         weight = dequantize(gguf.raw(t).to(device), t.ggml_type, t.shape)
-                    if target[1] in ("q", "k"):
+                    if permuted and target[1] in ("q", "k"):
                         heads = config.num_heads if target[1] == "q" else config.num_kv_heads
                         weight = (weight.rows(unpermute_rows(torch.arange(weight.shape[0]), heads))
                                   if isinstance(weight, QuantizedWeight) else unpermute_rows(weight, heads))
