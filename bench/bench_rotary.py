@@ -125,45 +125,52 @@ def _hf_build(with_cache: bool):
                 return qe[0].transpose(0, 1), ke[0].transpose(0, 1)
 
             return call
-        k_cache, v_cache, slots, v = i["k_cache"], i["v_cache"], i["slot_mapping"], i["v"]
-        h, d = k_cache.shape[2], k_cache.shape[3]
+        write = _hf_rotate_and_write(i)
 
         def call_with_cache():
-            qe, ke = apply_rotary_pos_emb(q4, k4, cos, sin)
-            ke = ke[0].transpose(0, 1)
-            k_cache.view(-1, h, d).index_copy_(0, slots, ke)
-            v_cache.view(-1, h, d).index_copy_(0, slots, v)
-            return qe[0].transpose(0, 1), ke
+            return write(q4, k4, cos, sin)
 
         return call_with_cache
 
     return build
 
 
+def _hf_rotate_and_write(i):
+    """A function of (q4, k4, cos, sin): transformers' rotation of the `[1, H, T, D]` q and k, then k and v stored
+    at their slots with `index_copy_`; it returns the rotated (q, k) as `[T, H, D]`."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    k_cache, v_cache, slots, v = i["k_cache"], i["v_cache"], i["slot_mapping"], i["v"]
+    h, d = k_cache.shape[2], k_cache.shape[3]
+
+    def write(q4, k4, cos, sin):
+        qe, ke = apply_rotary_pos_emb(q4, k4, cos, sin)
+        ke = ke[0].transpose(0, 1)
+        k_cache.view(-1, h, d).index_copy_(0, slots, ke)
+        v_cache.view(-1, h, d).index_copy_(0, slots, v)
+        return qe[0].transpose(0, 1), ke
+
+    return write
+
+
 def _hf_qwen3_build(i):
     """transformers' Qwen3 attention prologue: q_norm / k_norm on the projection's head views, the rotation,
     the cache write."""
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     cos, sin = _hf_cos_sin(i)
-    q, k, v = i["q"], i["k"], i["v"]
+    q, k = i["q"], i["k"]
     norms = []
     for name in ("q_norm_weight", "k_norm_weight"):
         norm = Qwen3RMSNorm(q.shape[-1], eps=i["norm_eps"]).to(device=q.device, dtype=q.dtype)
         with torch.no_grad():
             norm.weight.copy_(i[name])
         norms.append(norm)
-    k_cache, v_cache, slots = i["k_cache"], i["v_cache"], i["slot_mapping"]
-    h, d = k_cache.shape[2], k_cache.shape[3]
+    write = _hf_rotate_and_write(i)  # Qwen3's apply_rotary_pos_emb is Llama's
 
     @torch.no_grad()
     def call():
-        q4, k4 = norms[0](q).transpose(0, 1)[None], norms[1](k).transpose(0, 1)[None]
-        qe, ke = apply_rotary_pos_emb(q4, k4, cos, sin)
-        ke = ke[0].transpose(0, 1)
-        k_cache.view(-1, h, d).index_copy_(0, slots, ke)
-        v_cache.view(-1, h, d).index_copy_(0, slots, v)
-        return qe[0].transpose(0, 1), ke
+        return write(norms[0](q).transpose(0, 1)[None], norms[1](k).transpose(0, 1)[None], cos, sin)
 
     return call
 

@@ -60,33 +60,27 @@ def test_torch_backend_matches_transformers(name, tmp_path):
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.interpreter
-def test_triton_backend_matches_transformers_across_blocks(tmp_path):
-    """The Triton kernels (interpreted on a CPU) on a tiny Qwen2 (biases) with 4-token blocks: prompts of 3
-    and 6 tokens and 7 new tokens cross two block boundaries in prefill and in decode."""
-    # 2 layers, hidden 128, 2 query heads / 1 KV head of dim 64 (the attention kernels' smallest head dim)
-    path = make_hf_checkpoint(str(tmp_path), "qwen2", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
-    hf = no_eos(load_hf_model(path))
-    llm = LLM(path, backend="triton", dtype="float32", device="cpu", block_size=4, debug=True)
-    prompts = [[1, 17, 99], [1, 400, 33, 2, 9, 81]]
-    outs = llm.generate(prompts, max_new_tokens=7, ignore_eos=True)
-    for prompt, out in zip(prompts, outs):
-        expected, expected_lp = hf_greedy(hf, prompt, 7)
-        assert out.token_ids == expected
-        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
+TRITON_CASES = {
+    # 2 layers, hidden 128, 2 query heads / 1 KV head of dim 64 (the attention kernels' smallest head dim); biases
+    "qwen2": ("qwen2", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1), 7),
+    # the q/k norm fused into the rotary + KV write; head_dim 64 explicit (hidden 64 / 2 heads would give 32)
+    "qwen3": ("qwen3", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=64), 5),
+}
 
 
 @pytest.mark.interpreter
-def test_triton_backend_matches_transformers_qwen3(tmp_path):
-    """The Triton kernels (interpreted) on a tiny Qwen3: the q/k norm fused into the rotary + KV write, head_dim 64
-    explicit (hidden 64 with 2 heads would give 32), a GQA group of 2, 4-token blocks crossed in prefill and decode."""
-    path = make_hf_checkpoint(str(tmp_path), "qwen3", num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_backend_matches_transformers_across_blocks(name, tmp_path):
+    """The Triton kernels (interpreted on a CPU) on a tiny Qwen2 (biases) and a tiny Qwen3 (q/k norm) with 4-token
+    blocks: prompts of 3 and 6 tokens and 5-7 new tokens cross block boundaries in prefill and in decode."""
+    family, overrides, new = TRITON_CASES[name]
+    path = make_hf_checkpoint(str(tmp_path), family, **overrides)
     hf = no_eos(load_hf_model(path))
     llm = LLM(path, backend="triton", dtype="float32", device="cpu", block_size=4, debug=True)
     prompts = [[1, 17, 99], [1, 400, 33, 2, 9, 81]]
-    outs = llm.generate(prompts, max_new_tokens=5, ignore_eos=True)
+    outs = llm.generate(prompts, max_new_tokens=new, ignore_eos=True)
     for prompt, out in zip(prompts, outs):
-        expected, expected_lp = hf_greedy(hf, prompt, 5)
+        expected, expected_lp = hf_greedy(hf, prompt, new)
         assert out.token_ids == expected
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
 
