@@ -260,6 +260,8 @@ def test_bad_chat_template_kwargs_refused(qwen3_llm, kwargs, exc, words):
     for w in words:
         assert w in str(info.value)
     assert not eng.has_unfinished()
+    with pytest.raises(TypeError, match="conversation; pass chat=True"):
+        qwen3_llm.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2)
 
 
 def test_cli_no_thinking(qwen3_dir, monkeypatch, capsys):

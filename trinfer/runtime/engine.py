@@ -362,6 +362,9 @@ class Engine:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
             text = prompt
             ids = tok.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            raise TypeError("prompt: a list of message dicts is a conversation; pass chat=True to apply the chat "
+                            "template")
         elif isinstance(prompt, (list, tuple)) or isinstance(prompt, torch.Tensor):
             ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
             self._check_token_ids(ids)
