@@ -187,8 +187,8 @@ def tiny_tokenizer(vocab_size: int = 512, family: str = "llama"):
     """A byte-level BPE `tokenizers.Tokenizer` with exactly `vocab_size` ids (see the module docstring).
 
     As in the real families' tokenizer.json: Qwen2/Qwen3 normalize to NFC, split with their own regex (digits
-    one by one) and add no BOS; the others use GPT-2's split and a post-processor that adds BOS <s>, so that transformers'
-    AutoTokenizer (which takes BOS from the post-processor) and trinfer encode alike.
+    one by one) and add no BOS; the others use GPT-2's split and a post-processor that adds BOS <s>, so that
+    transformers' AutoTokenizer (which takes BOS from the post-processor) and trinfer encode alike.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 

@@ -3,8 +3,9 @@
 - Greedy tokens equal transformers' on the same GPU: fp32 random Llama-family checkpoints (tests/checkpoints.py,
   whose weights give clear logit margins) at head_dim 64 (9 query / 3 KV heads, as SmolLM2) and 128 (Llama-3.1
   rope scaling, 4 / 1 heads; and a Qwen3: q/k norm, head_dim 128 with hidden 512 / 8 heads), served with CUDA
-  graphs and the async loop on, prompts arriving one per step, two ending at an end-of-sequence token mid-way, and prompts decoding across the graphs' context buckets (1024 and
-  4096 tokens). transformers runs each prompt alone; its tokens, cut after the first EOS, are the oracle.
+  graphs and the async loop on, prompts arriving one per step, two ending at an end-of-sequence token mid-way, and
+  prompts decoding across the graphs' context buckets (1024 and 4096 tokens). transformers runs each prompt alone;
+  its tokens, cut after the first EOS, are the oracle.
 - The async pipeline with a slowed device: a GPU sleep before every graph replay keeps the device behind, so the
   host runs ahead (it queues step k+1, fills the buffers of step k+2) while earlier steps have not run; every
   output equals the synchronous loop's.
