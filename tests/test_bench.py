@@ -433,3 +433,44 @@ def test_bench_serve_end_to_end(tmp_path):
         assert r["tok_s"] > 0 and r["ttft"]["p50"] > 0 and r["tokens_all"][0] >= r["requests"]
     over = data["overhead"]
     assert over["texts_equal"] and over["http"]["ttft_ms"] > 0 and over["direct"]["ttft_ms"] > 0
+
+
+def test_bench_tp_smoke(tmp_path):
+    """bench_tp at the tiny shape, N = 1 and 2 (two processes over gloo on the CPU; on a GPU machine N = 2 needs
+    two GPUs, else its row says it was skipped): both decode the same tokens, and rank 0's profile sees exactly
+    the collectives of a decode step: 2 per layer + the embedding's all-reduce, the LM head's all-gather, the
+    step header and its one payload broadcast."""
+    from bench import bench_tp
+
+    args = ["--out", str(tmp_path)] + (["--shapes", "tiny", "--tp", "1,2", "--new", "4", "--profile-steps", "2"]
+                                       if HAS_CUDA else ["--cpu-smoke"])
+    data = bench_tp.main(args)
+    name = "tp" if HAS_CUDA else "tp.cpu-smoke"
+    rows = {r["tp"]: r for r in _strict_json(tmp_path / f"{name}.json")["rows"]}
+    assert (tmp_path / f"{name}.md").exists()
+    assert rows[1]["status"] == "ok" and rows[1]["tpot_median_ms"] > 0 and rows[1]["comm_bytes_per_step"] == 0
+    if HAS_CUDA and torch.cuda.device_count() < 2:
+        assert rows[2]["status"] == "skipped"
+        return
+    two = rows[2]
+    assert two["status"] == "ok", two
+    assert two["match_vs"] == "tp1" and two["match_tokens"] == two["new_tokens"]
+    assert two["comm_bytes_per_step"] == 5 * 256 * 4 + 24  # tiny fp32: 5 ring all-reduces of 1 KB (half each way)
+    if not HAS_CUDA:
+        assert two["comm_calls_per_step"] == 2 * 2 + 1 + 1 + 2 and two["comm_ms_per_step"] > 0
+        assert data["banner"] and "NOT GPU" in (tmp_path / f"{name}.md").read_text()
+
+
+def test_bench_tp_communication_formula():
+    """Hand-worked: Llama-3-70B (80 layers, hidden 8192, bf16) over 8 ranks sends, per rank and decode step of one
+    sequence, 161 ring all-reduces of 16 KiB (2 * 7/8 of it each) and 7 blocks of 24 bytes of the LM head's
+    all-gather."""
+    from bench.bench_tp import comm_bytes_per_step
+    from trinfer.runtime.config import ModelConfig
+    from trinfer.runtime.random_model import MODEL_SHAPES, weight_bytes
+
+    cfg = ModelConfig.from_hf(MODEL_SHAPES["Llama-3-70B"])
+    assert weight_bytes(cfg, torch.bfloat16) == 70_553_706_496 * 2  # its published parameter count
+    assert comm_bytes_per_step(cfg, 8, 1, 2) == 161 * 28672 + 7 * 24 == 4_616_360
+    assert comm_bytes_per_step(cfg, 1, 4, 2) == 0
+    assert comm_bytes_per_step(cfg, 2, 4, 2) == 161 * 65536 + 4 * 24

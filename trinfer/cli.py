@@ -3,6 +3,8 @@
     trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat [--no-thinking]] [--stream] [--stop S]
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
                      [--device cpu|cuda] [--no-cuda-graphs] [--quantize int8|int4] [--batch-invariant]
+                     [--tensor-parallel N]
+    torchrun --nproc-per-node N -m trinfer generate ...   (every rank runs it; rank 0 prints, the others follow)
     trinfer serve [--model PATH] [--host 127.0.0.1] [--port 8000] [engine options] [--max-num-seqs N] ...
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
 
@@ -41,6 +43,11 @@ def _add_engine_options(p) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="decode every matrix product on the batch-invariant Triton linear kernel (default off: its "
                         "cost at batch 1 is not yet measured on a GPU)")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="shard the model over N GPUs (N processes; gloo on the CPU); under torchrun the default is "
+                        "its WORLD_SIZE")
+    p.add_argument("--tp-timeout", type=float, default=None, metavar="S",
+                   help="seconds a tensor-parallel collective (and start-up) may wait (600)")
 
 
 def _engine_kwargs(args) -> dict:
@@ -51,9 +58,12 @@ def _engine_kwargs(args) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-    return dict(dtype=args.dtype, backend=args.backend, device=args.device, block_size=args.block_size,
-                num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs, quantize=args.quantize,
-                batch_invariant=args.batch_invariant)
+    kwargs = dict(dtype=args.dtype, backend=args.backend, device=args.device, block_size=args.block_size,
+                  num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs, quantize=args.quantize,
+                  batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel)
+    if args.tp_timeout is not None:
+        kwargs["tp_timeout"] = args.tp_timeout
+    return kwargs
 
 
 def _add_generate(sub) -> None:
@@ -82,7 +92,7 @@ def _run_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine_kwargs = _engine_kwargs(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, max_num_seqs=1, **engine_kwargs)
+    llm = LLM(args.model, max_num_seqs=1, **engine_kwargs)  # under torchrun, ranks > 0 follow rank 0 and exit here
 
     def stream(out):
         if out.delta_text:
@@ -90,8 +100,9 @@ def _run_generate(args) -> int:
             sys.stdout.flush()
 
     template_kwargs = {"enable_thinking": False} if args.no_thinking else None
-    out = llm.generate(prompt, chat=args.chat, chat_template_kwargs=template_kwargs, sampling_params=params,
-                       on_output=stream if args.stream else None)[0]
+    with llm:
+        out = llm.generate(prompt, chat=args.chat, chat_template_kwargs=template_kwargs, sampling_params=params,
+                           on_output=stream if args.stream else None)[0]
     if not args.stream:
         sys.stdout.write(out.text)
     sys.stdout.write("\n")
@@ -135,6 +146,7 @@ def _run_serve(args) -> int:
     import os
 
     from trinfer.runtime import Engine
+    from trinfer.runtime.distributed import is_follower_process
     from trinfer.server import ServerConfig, build_app, serve
     from trinfer.server.serve import bind
 
@@ -148,10 +160,12 @@ def _run_serve(args) -> int:
     config = ServerConfig(model_name=name, max_waiting=args.max_waiting,
                           request_timeout=args.request_timeout or None, max_body_bytes=args.max_body_bytes,
                           shutdown_grace=args.shutdown_grace)
-    bind(args.host, args.port).close()  # a bad --host/--port fails now, not after loading the model
+    if not is_follower_process():  # torchrun's ranks > 0 serve nothing: their engines follow rank 0's
+        bind(args.host, args.port).close()  # a bad --host/--port fails now, not after loading the model
     engine = Engine(args.model, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                     **_engine_kwargs(args))
-    serve(build_app(engine, config), args.host, args.port, log_level=args.log_level)
+    with engine:
+        serve(build_app(engine, config), args.host, args.port, log_level=args.log_level)
     return 0
 
 
@@ -185,11 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run = next(run for name, _add, run in _COMMANDS if name == args.command)
+    from trinfer.runtime.distributed import TensorParallelError
+
     try:
         return run(args)
     except (ValueError, FileNotFoundError, MemoryError) as e:
         print(f"trinfer: error: {e}", file=sys.stderr)
         return 2
+    except TensorParallelError as e:  # a rank failed (names it and why); every rank has been stopped
+        print(f"trinfer: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

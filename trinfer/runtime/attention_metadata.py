@@ -147,6 +147,11 @@ class DecodeBuffers:
         self._upd_idx = self.packed[self._uidx: self._uval]
         self._upd_val = self.packed[self._uval:].view(torch.int32)[:k]
         self.workspace: torch.Tensor | None = None  # decode attention scratch, set by the model runner
+        # What the last `fill` sent (tensor parallelism resends it to the other ranks, tp_worker.py): the first
+        # element of `packed` copied, and the (index, value) block-table scatters made outside it, if any.
+        self.delta_start = self._ids
+        self.delta_bulk: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.event_wait = None  # CUDA: how read_outputs waits for its copy (default: Event.synchronize)
         self._views: dict[int, tuple] = {}
 
         self._staging = [torch.zeros(numel, dtype=torch.int64, pin_memory=self._cuda) for _ in range(2)]
@@ -304,24 +309,30 @@ class DecodeBuffers:
         if nu:
             r["uidx"][:nu] = upd_idx
             r["uval"][:nu] = upd_val
+        start = self._pos if ids_on_device else self._ids
         views = self._copy_views.get((k, ids_on_device))
         if views is None:
-            start = self._pos if ids_on_device else self._ids
             views = self._copy_views[(k, ids_on_device)] = (self.packed[start:], self._staging[k][start:])
         views[0].copy_(views[1], non_blocking=True)
         self._staging_used[k] = True
         if self._staging_events[k] is not None:
             self._staging_events[k].record(torch.cuda.current_stream(self.device))
+        self.delta_start, self.delta_bulk = start, None
         if bulk:  # a batch change rewrote many rows: scatter them now, outside the (fixed-size) update region
             idx = torch.from_numpy(np.array(upd_idx, dtype=np.int64))
             val = torch.from_numpy(np.array(upd_val, dtype=np.int32))
             if self._cuda:
                 idx = idx.pin_memory().to(self.device, non_blocking=True)
                 val = val.pin_memory().to(self.device, non_blocking=True)
-            self._tables_flat.index_copy_(0, idx, val)
+            self.scatter_table_entries(idx, val)
+            self.delta_bulk = (idx, val)
         if not defer_updates:
             self.apply_block_updates()
         return self.metadata(size, int(lens_np.max()))
+
+    def scatter_table_entries(self, idx: torch.Tensor, val: torch.Tensor) -> None:
+        """block_tables.view(-1)[idx] = val (idx int64, val int32, on the device), now."""
+        self._tables_flat.index_copy_(0, idx, val)
 
     def apply_block_updates(self) -> None:
         """Scatter the block-table changes of the last `fill` into `block_tables` (a fixed-size device op, the
@@ -343,7 +354,8 @@ class DecodeBuffers:
     def read_outputs(self, handle: int, n: int) -> tuple[list[int], list[float]]:
         """Wait for the copy `handle` (the only host synchronisation of a decode step) and return the first
         n ids and logprobs."""
-        if self._out_events[handle] is not None:
-            self._out_events[handle].synchronize()
+        event = self._out_events[handle]
+        if event is not None:
+            event.synchronize() if self.event_wait is None else self.event_wait(event)
         r = self._out_np[handle]
         return r["ids"][:n].tolist(), r["lp"][:n].tolist()

@@ -16,8 +16,10 @@ so the engine keeps serving the others.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -25,7 +27,9 @@ import torch
 
 from trinfer.triton_kernels.kv_cache_layout import check_block_size
 
+from . import tp_worker
 from .block_manager import BlockManager, blocks_needed
+from .distributed import DEFAULT_TIMEOUT_S, start_tensor_parallel, tensor_parallel_requested
 from .kv_cache import choose_num_blocks
 from .model import check_cuda_kernels_available, get_backend, parse_backend
 from .model_runner import ModelRunner, PendingDecode
@@ -206,6 +210,21 @@ class RequestOutput:
                 f"tokens={self._n_tokens}, text={self.text!r})")
 
 
+def _stops_tensor_parallel_on_error(init):
+    """An Engine.__init__ that raises after joining a tensor-parallel world stops that world's ranks (they would
+    wait for a rank that never comes)."""
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException as e:
+            tp = getattr(self, "tp", None)
+            if tp is not None:
+                tp.abandon(e)
+            raise
+    return wrapper
+
+
 class Engine:
     """Continuous-batching greedy engine over one model.
 
@@ -241,13 +260,25 @@ class Engine:
             sequence's greedy tokens never depend on which others share its batch (default False: dense weights
             use torch's matmul, whose cost at batch 1 against this kernel is not yet measured on a GPU; products
             on quantized weights always use the kernel). Refused with the `torch` backend.
+        tensor_parallel_size: N > 1 shards the model over N ranks (distributed.py): this process is rank 0 and
+            spawns N-1 processes (on cuda:i+1.. after this engine's cuda:i, or on the CPU with gloo), each building
+            this same engine from a checkpoint path (not a LoadedModel). Under torchrun, every rank builds the
+            engine (None takes WORLD_SIZE); on ranks > 0 the constructor follows rank 0 and exits the process
+            (SystemExit(0)) when rank 0 closes its engine. Greedy tokens are those of one device.
+        tp_timeout: seconds any collective may wait (and start-up for the slowest rank); a rank that fails makes
+            rank 0 raise `distributed.TensorParallelError`, naming it, and stops every rank.
+
+    `close()` (also at exit, and leaving a `with Engine(...)` block) stops the other tensor-parallel ranks.
     """
 
+    @_stops_tensor_parallel_on_error
     def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None, block_size: int = 16,
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False,
                  cuda_graphs: bool = True, async_decode: bool = True, quantize: str | None = None,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, tensor_parallel_size: int | None = None,
+                 tp_timeout: float = DEFAULT_TIMEOUT_S):
+        args = {k: v for k, v in locals().items() if k != "self"}  # what spawned tensor-parallel ranks rebuild
         from .loader import LoadedModel, load_model_files
 
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -260,6 +291,13 @@ class Engine:
         backend_ops = get_backend(self.backend_name, batch_invariant=batch_invariant)  # refused before loading
         self.batch_invariant = batch_invariant
         check_quantize(quantize)
+        if isinstance(model, LoadedModel) and tensor_parallel_requested(tensor_parallel_size):
+            raise ValueError("model: with tensor parallelism every rank loads its own slices; pass a checkpoint path "
+                             "(or a RandomCheckpoint), not a LoadedModel")
+        self.tp = start_tensor_parallel(tensor_parallel_size, self.device, timeout=tp_timeout, engine_args=args)
+        if self.tp is not None:
+            self.device = self.tp.device
+            self._close = weakref.finalize(self, self.tp.close)
         if isinstance(model, LoadedModel):
             loaded = model
             if quantize is not None:  # a new dict: the caller's LoadedModel keeps its weights
@@ -275,8 +313,10 @@ class Engine:
                 from .default_model import default_model_path
 
                 model = default_model_path()
+            tp = self.tp
             loaded = load_model_files(model, device=self.device, dtype=self.dtype, quantize=quantize,
-                                      keep_quantized=self.backend_name != "torch")
+                                      keep_quantized=self.backend_name != "torch", progress=tp is None or tp.rank == 0,
+                                      tensor_parallel=None if tp is None else (tp.rank, tp.world_size))
         self.config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
@@ -287,15 +327,21 @@ class Engine:
                              f"got {max_model_len}")
         self.max_model_len = max_model_len
         self.block_size = block_size
-        num_blocks = choose_num_blocks(cfg, block_size=block_size, dtype=self.dtype, device=self.device,
+        kv_config = cfg if loaded.shard is None else loaded.shard.local_config(cfg)  # this rank's KV heads
+        num_blocks = choose_num_blocks(kv_config, block_size=block_size, dtype=self.dtype, device=self.device,
                                        max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                        num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and self.backend_name != "torch" \
             and not debug
+        if self.tp is not None:  # every rank's cache gets the same blocks; a torchrun rank may be started apart
+            num_blocks = self.tp.agree_min(num_blocks)
+            self.tp.check_same("model or engine arguments", f"{cfg!r} {self.dtype} {self.backend_name} "
+                               f"max_model_len={max_model_len} block_size={block_size} num_blocks={num_blocks} "
+                               f"max_num_seqs={max_num_seqs} debug={debug} cuda_graphs={self.cuda_graphs}")
         self.runner = ModelRunner(cfg, loaded.weights, backend_ops, device=self.device,
                                   dtype=self.dtype, num_blocks=num_blocks, block_size=block_size,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, debug=debug,
-                                  cuda_graphs=self.cuda_graphs)
+                                  cuda_graphs=self.cuda_graphs, tp=self.tp, shard=loaded.shard)
         self.async_decode = bool(async_decode)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS)
@@ -307,6 +353,22 @@ class Engine:
         # Decode steps launched; of them fed by the previous step's ids on the device; pending steps read before
         # launching (drains); launched steps dropped and run again without a sequence that had just finished.
         self.decode_stats = {"launched": 0, "continued": 0, "drained": 0, "rerun": 0}
+        if self.tp is not None and self.tp.rank > 0:  # a follower: run rank 0's steps until it closes its engine
+            tp_worker.follow(self.runner)
+            self.close()
+            raise SystemExit(0)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks and release the process groups (idempotent; also at exit and on
+        leaving a `with` block). An engine on one device holds nothing that needs it."""
+        if self.tp is not None:
+            self._close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,

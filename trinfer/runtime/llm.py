@@ -15,8 +15,9 @@ class LLM:
         print(out.text, out.finish_reason, out.timings.ttft)
 
     Arguments are those of `Engine` (model path or None for the default model, dtype, backend, device,
-    max_num_seqs, num_kv_blocks, kv_cache_memory, block_size, debug, cuda_graphs, ...). `cuda_graphs=False`
-    runs every decode step eagerly (on CUDA they are captured and replayed by default).
+    max_num_seqs, num_kv_blocks, kv_cache_memory, block_size, debug, cuda_graphs, tensor_parallel_size, ...).
+    `cuda_graphs=False` runs every decode step eagerly (on CUDA they are captured and replayed by default).
+    `tensor_parallel_size=N` shards the model over N processes (GPUs); `close()` or a `with` block stops them.
     """
 
     def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
@@ -25,6 +26,16 @@ class LLM:
         self.engine = Engine(model, dtype=dtype, backend=backend, device=device, max_num_seqs=max_num_seqs,
                              num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory, block_size=block_size,
                              debug=debug, cuda_graphs=cuda_graphs, **engine_kwargs)
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks, if any (idempotent; also done at exit)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

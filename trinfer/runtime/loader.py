@@ -19,7 +19,9 @@ Canonical weights (V vocab, H hidden, I intermediate, nq/nkv heads, hd head_dim)
     layers.{i}.down_proj [H, I]
 Weights stream one tensor at a time from the files into their (preallocated) place on the device, so the
 host never holds the checkpoint twice. A matrix may instead be a `QuantizedWeight` (GGUF Q8_0/Q4_0/Q4_1 blocks,
-AWQ/GPTQ layers, `quantize=`; see quantization.py): same name and shape, fused the same way.
+AWQ/GPTQ layers, `quantize=`; see quantization.py): same name and shape, fused the same way. With
+`tensor_parallel=(rank, world_size)` only that rank's slices are read (distributed.ShardSpec: safetensors'
+`get_slice`, GGUF's rows or the blocks covering its columns), never a whole sharded tensor.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch
 
 from . import quantization as Q
 from .config import ModelConfig
+from .distributed import ShardSpec
 from .tokenizer import Tokenizer
 
 __all__ = ["LoadedModel", "load_model_files", "WeightAssembler", "expected_weight_shapes"]
@@ -47,6 +50,7 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     source: str  # "safetensors" or "gguf"
+    shard: ShardSpec | None = None  # tensor parallelism: `weights` hold this rank's slices only (config: the full model)
 
 
 def load_model_files(
@@ -57,6 +61,7 @@ def load_model_files(
     progress: bool = True,
     quantize: str | None = None,
     keep_quantized: bool | None = None,
+    tensor_parallel: tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Load config, weights (converted to `dtype` on `device`) and tokenizer from `path`.
 
@@ -66,6 +71,9 @@ def load_model_files(
     keep_quantized: quantized weights (GGUF Q8_0/Q4_0/Q4_1 tensors, AWQ/GPTQ layers, `quantize`) stay
         `QuantizedWeight`s, for the Triton kernels; False decodes them to `dtype` (the `torch` backend).
         Default: True on CUDA.
+    tensor_parallel: (rank, world_size): load only that rank's slices (`LoadedModel.shard` says which); a
+        ValueError naming tensor_parallel_size when the model does not split that way.
+    `path` may also be a `random_model.RandomCheckpoint` (random weights of a named shape, made on the device).
     Raises FileNotFoundError for a missing file, ValueError for anything malformed or unsupported.
     """
     if dtype not in _COMPUTE_DTYPES:
@@ -73,6 +81,11 @@ def load_model_files(
     Q.check_quantize(quantize)
     device = torch.device(device)
     keep = device.type == "cuda" if keep_quantized is None else bool(keep_quantized)
+    from .random_model import RandomCheckpoint  # noqa: PLC0415  (random_model imports this module)
+
+    if isinstance(path, RandomCheckpoint):
+        return _quantized_as_asked(path.load(device=device, dtype=dtype, tensor_parallel=tensor_parallel), quantize,
+                                   keep, dtype)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
@@ -81,9 +94,10 @@ def load_model_files(
         from .loader_gguf import load_gguf  # the gguf package is only needed here
 
         return _quantized_as_asked(load_gguf(gguf_file, device=device, dtype=dtype, progress=progress,
-                                             keep_quantized=keep), quantize, keep, dtype)
-    return _quantized_as_asked(_load_hf_dir(path, device=device, dtype=dtype, progress=progress), quantize, keep,
-                               dtype)
+                                             keep_quantized=keep, tensor_parallel=tensor_parallel), quantize, keep,
+                                   dtype)
+    return _quantized_as_asked(_load_hf_dir(path, device=device, dtype=dtype, progress=progress,
+                                            tensor_parallel=tensor_parallel), quantize, keep, dtype)
 
 
 def _quantized_as_asked(loaded: LoadedModel, quantize: str | None, keep: bool, dtype: torch.dtype) -> LoadedModel:
@@ -220,7 +234,23 @@ class WeightAssembler:
         return self._weights
 
 
+class _NoProgress:
+    """What `_progress` gives when disabled: no tqdm object at all (a disabled tqdm still makes a
+    multiprocessing lock, which a tensor-parallel rank would leave behind when it exits)."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
 def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoProgress()
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, delay=1.0, disable=not enabled,
@@ -338,18 +368,22 @@ def _open_safetensors(file: str):
         raise ValueError(f"{file}: not a valid safetensors file ({exc})") from exc
 
 
-def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, str, torch.Tensor]]:
+def _iter_safetensors(files: list[str], select=None) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file, key, tensor) of every tensor; `select(key)` -> an index (a tuple of slices) reads only that slice
+    (`get_slice`: the rest of the tensor is never read), None the whole tensor."""
     for file in files:
         with _open_safetensors(file) as f:
             for key in f.keys():
+                index = None if select is None else select(key)
                 try:
-                    tensor = f.get_tensor(key)
+                    tensor = f.get_tensor(key) if index is None else f.get_slice(key)[index]
                 except Exception as exc:
                     raise ValueError(f"{file}: cannot read tensor {key!r} ({exc}); the file may be truncated") from exc
                 yield file, key, tensor
 
 
-def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool) -> LoadedModel:
+def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool,
+                 tensor_parallel: tuple[int, int] | None = None) -> LoadedModel:
     raw = _read_json(os.path.join(path, "config.json"), "config.json")
     qspec = None
     if raw.get("quantization_config") is not None:  # AWQ/GPTQ: their layers load as QuantizedWeights
@@ -368,10 +402,21 @@ def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progres
     for file in files:  # validate every header before allocating anything
         with _open_safetensors(file) as f:
             counts.append(len(list(f.keys())))
-    assembler = WeightAssembler(config, device=device, dtype=dtype)
+    shard = None if tensor_parallel is None else ShardSpec.of(config, *tensor_parallel)
+    select = None
+    if shard is not None:  # this rank's slice of each tensor (None: replicated, read whole)
+        if qspec is not None:
+            raise ValueError(f"tensor_parallel_size: {path}: AWQ/GPTQ checkpoints are not sharded (their packed "
+                             f"layers are not cut by rows and columns yet); run them on one GPU")
+
+        def select(key):
+            target = hf_canonical_name(key, config)
+            return None if target is None else shard.index(*target)
+
+    assembler = WeightAssembler(config if shard is None else shard.local_config(config), device=device, dtype=dtype)
     held = None if qspec is None else HFQuantizedTensors(qspec, qkv_bias=config.qkv_bias)
     with _progress(sum(counts), f"loading {os.path.basename(os.path.abspath(path))}", progress) as bar:
-        for file, key, tensor in _iter_safetensors(files):
+        for file, key, tensor in _iter_safetensors(files, select):
             source = f"{key!r} in {os.path.basename(file)}"
             for name, t in [(key, tensor)] if held is None else held.feed(key, tensor, source):
                 target = hf_canonical_name(name, config)
@@ -384,7 +429,7 @@ def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progres
             if target is not None:
                 assembler.put(target[0], target[1], weight, source)
     weights = assembler.finish(_hf_source_names(config))
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source="safetensors")
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source="safetensors", shard=shard)
 
 
 def _with_tokenizer_eos(config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:

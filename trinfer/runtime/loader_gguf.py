@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .distributed import ShardSpec
 from .loader import LoadedModel, WeightAssembler, _progress, _with_tokenizer_eos
 from .quantization import GGUF_TYPE_FORMATS, QuantizedWeight, gguf_weight
 from .tokenizer import Tokenizer
@@ -261,7 +262,35 @@ class GGUFFile:
         if t.ggml_type not in GGML_TYPES:
             raise ValueError(f"{self.path}: tensor {t.name!r} is stored as {t.type_name}; supported: "
                              f"{', '.join(n for n, _, _ in GGML_TYPES.values())}")
-        return torch.frombuffer(self._map, dtype=torch.uint8, count=t.nbytes, offset=t.offset)
+        return self._bytes(t.offset, t.nbytes)
+
+    def _bytes(self, offset: int, count: int) -> torch.Tensor:
+        """A uint8 view of the file's bytes [offset, offset + count): nothing is read until it is used."""
+        return torch.frombuffer(self._map, dtype=torch.uint8, count=count, offset=offset)
+
+    def raw_slice(self, t: GGUFTensor, index: tuple[slice, ...] | None
+                  ) -> tuple[torch.Tensor, tuple[int, ...], slice | None]:
+        """The bytes of the part of matrix `t` that `index` selects (`ShardSpec.index`: rows, or every row's columns
+        [c0, c1)), without reading the rest: (uint8 bytes, the shape they dequantize to, the columns to keep
+        after dequantizing). Rows are runs of whole blocks; columns come as the blocks that cover them (a block
+        is 32 values in Q8_0/Q4_0/Q4_1, one in F32/F16/BF16), trimmed after dequantizing. index None: the whole."""
+        raw = self.raw(t)
+        if index is None:
+            return raw, t.shape, None
+        _, block, block_bytes = GGML_TYPES[t.ggml_type]
+        if len(t.shape) != 2:
+            raise ValueError(f"{self.path}: tensor {t.name!r} of shape {list(t.shape)} cannot be sliced by rows or "
+                             f"columns (expected a matrix)")
+        rows, cols = t.shape
+        row_bytes = cols // block * block_bytes
+        r = index[0]
+        if len(index) == 1:
+            return self._bytes(t.offset + r.start * row_bytes, (r.stop - r.start) * row_bytes), \
+                (r.stop - r.start, cols), None
+        c = index[1]
+        b0, b1 = c.start // block, -(-c.stop // block)
+        part = raw.view(rows, cols // block, block_bytes)[:, b0:b1].contiguous()  # only these blocks are read
+        return part.view(-1), (rows, (b1 - b0) * block), slice(c.start - b0 * block, c.stop - b0 * block)
 
     def close(self) -> None:
         try:
@@ -413,28 +442,36 @@ def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
 
 
 def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool = True,
-              keep_quantized: bool = False) -> LoadedModel:
+              keep_quantized: bool = False, tensor_parallel: tuple[int, int] | None = None) -> LoadedModel:
     """Config, canonical weights and tokenizer of a llama or qwen3 GGUF file (see load_model_files).
     keep_quantized: the matrices stored as Q8_0/Q4_0/Q4_1 stay in their blocks (`quantization.gguf_weight`), else
-    are decoded."""
+    are decoded. tensor_parallel: (rank, world_size): only that rank's rows, or the blocks covering its columns,
+    are read; a quantized column slice that does not fall on block boundaries is decoded."""
     gguf = read_gguf(path)
     try:
         config = gguf_config(gguf)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, eos_token_ids=config.eos_token_ids)
         config = _with_tokenizer_eos(config, tokenizer)
-        assembler = WeightAssembler(config, device=device, dtype=dtype)
+        shard = None if tensor_parallel is None else ShardSpec.of(config, *tensor_parallel)
+        local = config if shard is None else shard.local_config(config)  # whole heads: unpermute per local head
+        assembler = WeightAssembler(local, device=device, dtype=dtype)
         permuted = config.architecture == "LlamaForCausalLM"  # llama.cpp's q/k row order (see the docstring)
         with _progress(len(gguf.tensors), f"loading {os.path.basename(path)}", progress) as bar:
             for t in gguf.tensors.values():
                 target = gguf_canonical_name(t.name, config)
                 if target is not None:
-                    # One tensor's bytes at a time leave the memory map; dequantization runs on the device.
-                    if keep_quantized and t.type_name in GGUF_TYPE_FORMATS and len(t.shape) == 2:
-                        weight = gguf_weight(gguf.raw(t).to(device, copy=True), t.type_name, t.shape)  # off the map
+                    # One tensor's bytes (this rank's part of them) at a time leave the memory map;
+                    # dequantization runs on the device.
+                    raw, shape, keep = gguf.raw_slice(t, None if shard is None else shard.index(*target))
+                    if keep_quantized and t.type_name in GGUF_TYPE_FORMATS and len(shape) == 2 and \
+                            (keep is None or keep == slice(0, shape[1])):
+                        weight = gguf_weight(raw.to(device, copy=True), t.type_name, shape)  # off the map
                     else:
-                        weight = dequantize(gguf.raw(t).to(device), t.ggml_type, t.shape)
+                        weight = dequantize(raw.to(device), t.ggml_type, shape)
+                        if keep is not None:
+                            weight = weight[:, keep]
                     if permuted and target[1] in ("q", "k"):
-                        heads = config.num_heads if target[1] == "q" else config.num_kv_heads
+                        heads = local.num_heads if target[1] == "q" else local.num_kv_heads
                         weight = (weight.rows(unpermute_rows(torch.arange(weight.shape[0]), heads))
                                   if isinstance(weight, QuantizedWeight) else unpermute_rows(weight, heads))
                     assembler.put(target[0], target[1], weight, repr(t.name))
@@ -443,4 +480,4 @@ def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: 
         weights = assembler.finish(_source_names(config))
     finally:
         gguf.close()
-    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source="gguf")
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, source="gguf", shard=shard)

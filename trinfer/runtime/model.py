@@ -209,10 +209,11 @@ def _weight(weights: dict, name: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, weights: dict, i: int, backend: Backend):
+    def __init__(self, config, weights: dict, i: int, backend: Backend, tp=None):
         super().__init__()
         c, p = config, f"layers.{i}."
         self.ops = backend
+        self.tp = tp  # tensor parallel (distributed.ShardOps): o_proj and down hold this rank's columns
         self.eps = c.rms_norm_eps
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_size, self.kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -242,10 +243,14 @@ class DecoderLayer(nn.Module):
         else:
             x = ops.fused_add_rms_norm(h, residual, self.input_norm, self.eps)
         h = self.attention(x, meta, k_cache, v_cache, rope, validate)
+        if self.tp is not None:  # row-parallel o_proj: add the ranks' partial products
+            h = self.tp.all_reduce(h)
         x = ops.fused_add_rms_norm(h, residual, self.post_attn_norm, self.eps)
         decode = not meta.is_prefill
         h = ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_proj, decode=decode)), self.down_proj,
                        decode=decode)
+        if self.tp is not None:  # row-parallel down_proj
+            h = self.tp.all_reduce(h)
         return h, residual
 
     def attention(self, x, meta: AttentionMetadata, k_cache, v_cache, rope, validate: bool) -> torch.Tensor:
@@ -273,10 +278,14 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Weights come from `trinfer.runtime.loader.load_model_files` (fused names, already on the device in the
-    compute dtype); the rotary table is built once here, with Llama-3 scaling when the config has it."""
+    compute dtype); the rotary table is built once here, with Llama-3 scaling when the config has it.
+
+    Tensor parallelism: `tp` (distributed.ShardOps) with `config` and `weights` of this rank's shard
+    (ShardSpec.local_config): the all-reduces after o_proj and down, and the vocab-parallel embedding and LM
+    head go through it. None (one device) adds no work."""
 
     def __init__(self, config, weights: dict, backend: Backend, *, max_positions: int | None = None,
-                 validate: bool = False):
+                 validate: bool = False, tp=None):
         super().__init__()
         c = config
         try:  # refuse here, not at the first forward pass
@@ -287,8 +296,9 @@ class LlamaModel(nn.Module):
         self.config = c
         self.ops = backend
         self.validate = validate  # device-reading input checks in the kernels (debug mode)
+        self.tp = tp
         _set_weight(self, "embed_tokens", _weight(weights, "embed_tokens", (c.vocab_size, c.hidden_size)))
-        self.layers = nn.ModuleList(DecoderLayer(c, weights, i, backend) for i in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, weights, i, backend, tp) for i in range(c.num_layers))
         self.register_buffer("norm", _weight(weights, "norm", (c.hidden_size,)))
         if c.tie_word_embeddings:  # the embedding itself, or its copy in the backend's matrix layout
             self.lm_head = _matrix(backend, self.embed_tokens)
@@ -301,7 +311,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
         """Run T tokens through all layers; return the final-norm hidden state `[B, hidden]` of each
         sequence's last token (prefill) or of each token (decode)."""
-        h, residual = self.ops.embedding(input_ids, self.embed_tokens, self.norm.dtype), None
+        if self.tp is None:
+            h, residual = self.ops.embedding(input_ids, self.embed_tokens, self.norm.dtype), None
+        else:  # vocab-parallel: this rank's rows, summed over the ranks
+            h, residual = self.tp.embedding(input_ids, self.embed_tokens, self.norm.dtype), None
         for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v):
             h, residual = layer(h, residual, meta, k_cache, v_cache, self.rope, self.validate)
         if meta.logits_indices is not None:  # norm and LM head only where a next token is needed
@@ -312,10 +325,13 @@ class LlamaModel(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Greedy next token of each row of `hidden` (int64, on the device) and its fp32 log-probability;
         written into `out` = (ids, logprobs) when given (static buffers of a captured decode step)."""
+        if self.tp is not None:  # vocab-parallel LM head: the distributed argmax, the same token on every rank
+            return self.tp.lm_head_greedy(hidden, self.lm_head, out)
         if out is None:
             return self.ops.lm_head_greedy(hidden, self.lm_head, return_logprobs=True)
         return self.ops.lm_head_greedy(hidden, self.lm_head, return_logprobs=True, out=out)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full logits `[B, vocab]` (not used for decoding: `sample` never writes them)."""
+        """Full logits `[B, vocab]` (not used for decoding: `sample` never writes them); with tensor
+        parallelism, this rank's vocab columns only."""
         return self.ops.linear(hidden, self.lm_head)

@@ -31,6 +31,7 @@ import torch
 
 from trinfer.triton_kernels.attention import DECODE_SPLIT_TOKENS, decode_workspace_numel
 
+from . import tp_worker
 from .attention_metadata import AttentionMetadata, DecodeBuffers, build_prefill
 from .block_manager import blocks_needed
 from .kv_cache import KVCache, allocate_kv_cache
@@ -81,22 +82,31 @@ class PendingDecode:
 class ModelRunner:
     """Args beyond the model's: `cuda_graphs` captures the decode graphs now (CUDA only, kernels that never
     synchronize: not with debug); `pad_decode` pads decode batches to their batch bucket even when they run
-    eagerly (default: on CUDA, so that graphs on and off run the same shapes and give the same bits)."""
+    eagerly (default: on CUDA, so that graphs on and off run the same shapes and give the same bits).
+
+    Tensor parallelism: `tp` (distributed.TensorParallel) and `shard` (this rank's ShardSpec; `weights` are its
+    slices) build this rank's slice of the model and of the KV cache. Rank 0 sends each pass to the other ranks
+    before running it (tp_worker.py); ranks > 0 run `tp_worker.follow(runner)` instead of being called."""
 
     def __init__(self, config, weights: dict, backend: Backend, *, device: torch.device, dtype: torch.dtype,
                  num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int, debug: bool = False,
-                 cuda_graphs: bool = False, pad_decode: bool | None = None):
+                 cuda_graphs: bool = False, pad_decode: bool | None = None, tp=None, shard=None):
         self.config = config
         self.backend = backend
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.model = LlamaModel(config, weights, backend, max_positions=max_model_len, validate=debug)
-        self.kv_cache: KVCache = allocate_kv_cache(config, num_blocks, block_size, dtype, device)
+        self.tp = tp
+        local = config if shard is None else shard.local_config(config)  # this rank's heads, rows, vocab
+        self.model = LlamaModel(local, weights, backend, max_positions=max_model_len, validate=debug,
+                                tp=None if tp is None else tp.model_ops(shard, backend))
+        self.kv_cache: KVCache = allocate_kv_cache(local, num_blocks, block_size, dtype, device)
         self.decode_buffers = DecodeBuffers(max_num_seqs, blocks_needed(max_model_len, block_size), device)
+        if tp is not None and device.type == "cuda":  # a wait that gives up when a rank fails
+            self.decode_buffers.event_wait = tp.wait_event
         if backend.name != "torch":  # the kernels' split-KV scratch, once, for the largest batch and context
-            n = decode_workspace_numel(max_num_seqs, config.num_heads, config.head_dim, max_model_len)
+            n = decode_workspace_numel(max_num_seqs, local.num_heads, local.head_dim, max_model_len)
             self.decode_buffers.workspace = torch.empty(max(n, 1), dtype=torch.float32, device=device)
         self.batch_buckets = decode_batch_buckets(max_num_seqs)
         self.context_buckets = context_buckets(max_model_len)
@@ -119,9 +129,17 @@ class ModelRunner:
         if not is_prefill:
             return self.resolve(self.launch_decode(seqs, padded_size=padded_size))
         input_ids, meta = build_prefill(seqs, self.block_size, self.device)
-        hidden = self.model(input_ids, meta, self.kv_cache)
-        token_ids, logprobs = self.model.sample(hidden)
+        if self.tp is None:
+            token_ids, logprobs = self.prefill_pass(input_ids, meta)
+        else:  # every rank runs the same pass
+            token_ids, logprobs = tp_worker.lead_prefill(self, input_ids, meta)
         return token_ids.tolist(), logprobs.tolist()
+
+    @torch.inference_mode()
+    def prefill_pass(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass and argmax of a prefill batch: next token ids and logprobs, on the device."""
+        hidden = self.model(input_ids, meta, self.kv_cache)
+        return self.model.sample(hidden)
 
     # ------------------------------------------------------------------ decode
     def decode_size(self, n: int) -> int:
@@ -142,18 +160,28 @@ class ModelRunner:
         size = self.decode_size(len(seqs)) if padded_size is None else padded_size
         buf = self.decode_buffers
         _, meta = buf.fill(seqs, self.block_size, size, ids_on_device=ids_on_device, defer_updates=True)
-        graph = self.graphs.get((size, bucket_for(self.context_buckets, meta.max_seq_len))) if self.graphs else None
         try:
-            if graph is not None:
-                graph.replay()
-                self.num_graph_replays += 1
-            else:
-                self._decode_step(size, meta)
-                self.num_eager_decodes += 1
-        except BaseException:
+            if self.tp is not None:  # every rank runs the same step
+                tp_worker.lead_decode(self.tp, buf, size, meta.max_seq_len)
+            graphed = self.run_decode_step(size, meta)
+        except BaseException as e:
             buf.forget_rows()  # the step's block-table updates may not have run
+            if self.tp is not None:
+                self.tp.abandon(e)  # the other ranks are somewhere in this step: stop them all
             raise
-        return PendingDecode(seqs, buf.start_output_copy(), graph is not None)
+        return PendingDecode(seqs, buf.start_output_copy(), graphed)
+
+    @torch.inference_mode()
+    def run_decode_step(self, size: int, meta: AttentionMetadata) -> bool:
+        """Run a filled decode step: its captured graph when there is one (returns True), else eagerly."""
+        graph = self.graphs.get((size, bucket_for(self.context_buckets, meta.max_seq_len))) if self.graphs else None
+        if graph is not None:
+            graph.replay()
+            self.num_graph_replays += 1
+        else:
+            self._decode_step(size, meta)
+            self.num_eager_decodes += 1
+        return graph is not None
 
     def resolve(self, pending: PendingDecode) -> tuple[list[int], list[float]]:
         """Wait for a launched step's outputs; its token ids and log-probabilities, one per sequence."""

@@ -16,11 +16,13 @@ can run on identical weights.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from .config import ModelConfig
+from .distributed import ShardSpec
 from .loader import LoadedModel, expected_weight_shapes
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -46,6 +48,10 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
                    "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
                    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001},
+    "Llama-3-70B": {**_LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+                    "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+                    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001},
     # Qwen3 (q/k norm); the 0.6B's head_dim 128 is twice hidden / heads.
     "Qwen3-0.6B": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_window_layers": 28,
@@ -95,8 +101,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def random_weights(config: ModelConfig, *, device: str | torch.device, dtype: torch.dtype,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every canonical weight of `config` (see loader.py), random, on `device` in `dtype`."""
+                   seed: int = 0, shard: ShardSpec | None = None) -> dict[str, torch.Tensor]:
+    """Every canonical weight of `config` (see loader.py), random, on `device` in `dtype`. With `shard`, only that
+    tensor-parallel rank's slices of the same weights (each tensor is drawn whole, then sliced: the ranks of
+    any world size hold together the model that one device holds)."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     weights = {}
@@ -111,8 +119,33 @@ def random_weights(config: ModelConfig, *, device: str | torch.device, dtype: to
             # Every matrix (embeddings too) std 1/sqrt(its row length). A larger (tied) embedding would make
             # each token's own logit dominate and the model repeat its input forever.
             t.normal_(0.0, shape[1] ** -0.5, generator=gen)
-        weights[name] = t
+        weights[name] = t if shard is None else shard.shard_weight(config, name, t)
+        del t
     return weights
+
+
+@dataclass(frozen=True)
+class RandomCheckpoint:
+    """Random weights of a named shape (or a config.json dict), made on the device when loaded: what `Engine` and
+    `load_model_files` take in place of a checkpoint path. Each tensor-parallel rank makes its own slices, so
+    benchmarks run shapes no disk here holds (Llama-3-70B at 8 ranks).
+
+        Engine(RandomCheckpoint("Llama-3-8B"), tensor_parallel_size=2, dtype="bfloat16")
+    """
+
+    shape: str | Mapping[str, Any]
+    seed: int = 0
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(hf_config_dict(self.shape, **self.overrides))
+
+    def load(self, *, device: str | torch.device, dtype: torch.dtype,
+             tensor_parallel: tuple[int, int] | None = None) -> LoadedModel:
+        config = self.config()
+        shard = None if tensor_parallel is None else ShardSpec.of(config, *tensor_parallel)
+        weights = random_weights(config, device=device, dtype=dtype, seed=self.seed, shard=shard)
+        return LoadedModel(config=config, weights=weights, tokenizer=None, source="random", shard=shard)
 
 
 def random_model(shape: str | Mapping[str, Any] | ModelConfig, *, device: str | torch.device,
