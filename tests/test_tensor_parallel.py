@@ -1,7 +1,7 @@
 """Tensor parallelism on the CPU: 2 ranks over gloo (spawned by the engine, or started by torchrun) against one device.
 
 Greedy tokens with N=2 equal N=1 for Llama with GQA (KV heads split), Qwen2 (biases) with fewer KV heads than ranks
-and a tied LM head, and (short) the Triton kernels under the interpreter; continuous batching, preemption and
+and a tied LM head, and (short) Qwen3 on the Triton kernels under the interpreter; continuous batching, preemption and
 abort across ranks; the distributed argmax on planted ties; sharded loading reads only the rank's slices; a rank
 killed or raising mid-generation ends everything with an error naming it; torchrun gives the same tokens.
 
@@ -390,10 +390,11 @@ def test_qwen2_biases_fewer_kv_heads_than_ranks_tied_head(ckpts):
 
 
 def test_triton_backend_equals_one_device(tmp_path):
-    """The Triton kernels (interpreted) on 2 ranks: Llama, 2 query heads / 1 KV head of dim 64, tied, 4-token
-    blocks; 5 tokens for 2 prompts (prefill and decode across a block boundary)."""
-    path = make_hf_checkpoint(str(tmp_path), "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-                              tie_word_embeddings=True, seed=7)
+    """The Triton kernels (interpreted) on 2 ranks: Qwen3 (its per-head q/k norm, replicated, runs in the fused
+    rotary kernel on each rank's heads), 2 query heads / 1 KV head of dim 64, tied, 4-token blocks; 5 tokens for
+    2 prompts (prefill and decode across a block boundary)."""
+    path = make_hf_checkpoint(str(tmp_path), "qwen3", hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=64, tie_word_embeddings=True, seed=7)
     prompts, new = [[1, 17, 99], [1, 400, 33, 2, 9, 81]], [5, 5]
     ref = one_device(path, prompts, new, backend="triton")
     with LLM(path, backend="triton", device="cpu", block_size=4, tensor_parallel_size=2,
