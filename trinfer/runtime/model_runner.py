@@ -135,9 +135,9 @@ class ModelRunner:
             token_ids, logprobs = tp_worker.lead_prefill(self, input_ids, meta)
         return token_ids.tolist(), logprobs.tolist()
 
-    @torch.inference_mode()
     def prefill_pass(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward pass and argmax of a prefill batch: next token ids and logprobs, on the device."""
+        """The forward pass and argmax of a prefill batch: next token ids and logprobs, on the device (call it in
+        inference mode)."""
         hidden = self.model(input_ids, meta, self.kv_cache)
         return self.model.sample(hidden)
 
@@ -171,9 +171,9 @@ class ModelRunner:
             raise
         return PendingDecode(seqs, buf.start_output_copy(), graphed)
 
-    @torch.inference_mode()
     def run_decode_step(self, size: int, meta: AttentionMetadata) -> bool:
-        """Run a filled decode step: its captured graph when there is one (returns True), else eagerly."""
+        """Run a filled decode step: its captured graph when there is one (returns True), else eagerly (call it in
+        inference mode)."""
         graph = self.graphs.get((size, bucket_for(self.context_buckets, meta.max_seq_len))) if self.graphs else None
         if graph is not None:
             graph.replay()

@@ -62,6 +62,7 @@ def lead_decode(tp, buffers, size: int, max_seq_len: int) -> None:
 # ---------------------------------------------------------------------- ranks > 0
 
 
+@torch.inference_mode()
 def follow(runner) -> None:
     """Ranks > 0: run every pass rank 0 leads, into this rank's own buffers and KV cache, until it shuts down."""
     tp, buf, device = runner.tp, runner.decode_buffers, runner.device
