@@ -350,9 +350,11 @@ def llama_ref(ckpts):
 
 def test_llama_gqa_equals_one_device_with_preemption(llama_tp, llama_ref):
     """All prompts at once: tokens (and logprobs, to 1e-4) of one device, with preemptions on the sharded engine."""
-    before = llama_tp.num_preemptions
+    before, continued = llama_tp.num_preemptions, llama_tp.decode_stats["continued"]
     assert_same(_generate(llama_tp, PROMPTS, NEW), llama_ref, "llama-gqa")
     assert llama_tp.num_preemptions > before
+    # The asynchronous loop ran: steps fed by the previous step's argmax, left on every rank's device.
+    assert llama_tp.decode_stats["continued"] > continued
 
 
 def test_continuous_batching_and_abort_across_ranks(llama_tp, llama_ref):

@@ -9,9 +9,12 @@ Modules, in the order a request meets them (nano-vllm's layout):
     scheduler                                  continuous batching, preemption by recompute
     attention_metadata, model, model_runner    one forward pass: metadata, the model, the argmax
     engine, llm                                add_request / step / abort, and the batch API
+    distributed, tp_worker                     tensor parallelism: shards, process groups, collectives; the
+                                               per-step messages rank 0 sends and the other ranks follow
 """
+from .distributed import TensorParallelError
 from .engine import Engine, RequestOutput, RequestTimings
 from .llm import LLM
 from .sampling_params import SamplingParams
 
-__all__ = ["LLM", "Engine", "SamplingParams", "RequestOutput", "RequestTimings"]
+__all__ = ["LLM", "Engine", "SamplingParams", "RequestOutput", "RequestTimings", "TensorParallelError"]
