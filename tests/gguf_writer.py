@@ -72,7 +72,8 @@ class TensorSpec:
     dims: tuple[int, ...]       # GGUF order: innermost first
     ggml_type: int
     data: bytes
-    offset: int | None = None   # into the data section; None: after the previous tensor, aligned
+    offset: int | None = None   # what the directory says; None: the truth (data always lies after the previous
+                                # tensor's, aligned)
 
 
 @dataclass
@@ -107,20 +108,21 @@ class GGUFSpec:
                            len(self.metadata) if self.n_kv is None else self.n_kv)]
         for key, kind, value in self.metadata:
             out += [gguf_string(key), struct.pack("<I", kind), encode_value(kind, value)]
-        offsets, pos = [], 0
+        natural, pos = [], 0  # where each tensor's data goes: after the previous one's, aligned
         for t in self.tensors:
             pos = (pos + self.alignment - 1) // self.alignment * self.alignment
-            offsets.append(pos if t.offset is None else t.offset)
-            pos = max(pos, offsets[-1]) + len(t.data)
-        for t, offset in zip(self.tensors, offsets):
+            natural.append(pos)
+            pos += len(t.data)
+        for t, offset in zip(self.tensors, natural):  # the directory says `t.offset` when given
             out += [gguf_string(t.name), struct.pack("<I", len(t.dims)), *(struct.pack("<Q", d) for d in t.dims),
-                    struct.pack("<IQ", t.ggml_type, offset)]
+                    struct.pack("<IQ", t.ggml_type, offset if t.offset is None else t.offset)]
         header = b"".join(out)
         start = (len(header) + self.alignment - 1) // self.alignment * self.alignment
-        data = bytearray(max((o + len(t.data) for t, o in zip(self.tensors, offsets)), default=0))
-        for t, offset in zip(self.tensors, offsets):
+        data = bytearray(pos)
+        for t, offset in zip(self.tensors, natural):
             data[offset:offset + len(t.data)] = t.data
-        return header + bytes(start - len(header)) + bytes(data)
+        end = (pos + self.alignment - 1) // self.alignment * self.alignment  # the last tensor padded too
+        return header + bytes(start - len(header)) + bytes(data) + bytes(end - pos)
 
 
 def f32_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, scale: float = 1.0) -> TensorSpec:

@@ -224,14 +224,23 @@ def _make_environment(limits: TemplateLimits):
                 __self._predict_str_method(what, owner, getattr(__obj, "__name__", ""), args, kwargs)
             return __self.check(what, super().call(__context, __obj, *args, **kwargs))
 
-        def format_string(self, s, args, kwargs, format_func=None):
-            for _literal, _field, spec, _conversion in string.Formatter().parse(s):
-                for digits in _DIGITS.findall(spec or ""):
-                    if len(digits) > 7 or int(digits) > self.limits.max_chars:
-                        raise _Exceeded(f"str.format: a width of {digits[:12]} is larger than the limit "
-                                        f"{self.limits.max_chars}")
-            self.check_args("str.format", args, kwargs)
-            return self.check("str.format", super().format_string(s, args, kwargs, format_func))
+        def wrap_str_format(self, value: Any):
+            wrapper = super().wrap_str_format(value)  # str.format / format_map, sandboxed by jinja2
+            if wrapper is None:
+                return None
+            fmt, env = value.__self__, self
+
+            @functools.wraps(wrapper)
+            def bounded(*args, **kwargs):
+                for _literal, _field, spec, _conversion in string.Formatter().parse(fmt):
+                    for digits in _DIGITS.findall(spec or ""):
+                        if len(digits) > 7 or int(digits) > env.limits.max_chars:
+                            raise _Exceeded(f"str.format: a width of {digits[:12]} is larger than the limit "
+                                            f"{env.limits.max_chars}")
+                env.check_args("str.format", args, kwargs)
+                return env.check("str.format", wrapper(*args, **kwargs))
+
+            return bounded
 
         def _check_percent_widths(self, what: str, fmt: str) -> None:
             for width, precision in _PERCENT_SPEC.findall(fmt):
@@ -331,15 +340,16 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 class _Tracer:
     """sys.settrace hook counting steps against the render's budget."""
 
-    def __init__(self, state: _Render, limits: TemplateLimits) -> None:
+    def __init__(self, state: _Render, limits: TemplateLimits, max_steps: int) -> None:
         self.state = state
         self.limits = limits
+        self.max_steps = max_steps
 
     def step(self) -> None:
         state = self.state
         state.steps += 1
-        if state.steps > self.limits.max_steps:
-            raise _Exceeded(f"more than {self.limits.max_steps} steps (loops too long?)")
+        if state.steps > self.max_steps:
+            raise _Exceeded(f"more than {self.max_steps} steps (loops too long?)")
         if state.steps & 255 == 0 and time.perf_counter() > state.deadline:
             raise _Exceeded(f"rendering took more than {self.limits.max_seconds} s")
 
@@ -355,7 +365,10 @@ class _Tracer:
 
 class ChatTemplate:
     """A compiled chat template (see the module docstring). Raises ChatTemplateError when the source is
-    not a string, too long, or not valid Jinja."""
+    not a string, too long, or not valid Jinja; compiling runs within the same bounds as rendering (jinja2
+    evaluates constant expressions, filters included, while it compiles)."""
+
+    _COMPILE_STEPS_FACTOR = 10  # compiling a template takes more Python calls than rendering it
 
     def __init__(self, source: Any, *, origin: str, limits: TemplateLimits | None = None) -> None:
         self.origin = origin
@@ -369,39 +382,52 @@ class ChatTemplate:
 
         self._env = _make_environment(self.limits)
         try:
-            self._template = self._env.from_string(source)
+            self._template = self._bounded(lambda: self._env.from_string(source),
+                                           self.limits.max_steps * self._COMPILE_STEPS_FACTOR)
         except jinja2.TemplateSyntaxError as exc:
             raise ChatTemplateError(origin, f"invalid Jinja at line {exc.lineno}: {exc.message}") from None
         except RecursionError:
             raise ChatTemplateError(origin, "invalid Jinja: expressions nested too deeply") from None
+        except ChatTemplateError:
+            raise
         except Exception as exc:  # any other compile failure is the template's
             raise ChatTemplateError(origin, f"invalid Jinja: {type(exc).__name__}: {exc}") from None
 
     def render(self, **variables: Any) -> str:
         """The rendered text; ChatTemplateError for any failure or limit (see the module docstring)."""
-        state = self._env.render_state
-        if state.active:
-            raise ChatTemplateError(self.origin, "rendering called from within its own rendering")
-        state.active, state.steps, state.emitted = True, 0, 0
-        state.deadline = time.perf_counter() + self.limits.max_seconds
-        tracer = _Tracer(state, self.limits)
-        previous = sys.gettrace()
-        pieces: list[str] = []
-        length = 0
-        sys.settrace(tracer.global_trace)
-        try:
+        def run() -> str:
+            pieces: list[str] = []
+            length = 0
             for piece in self._template.generate(**variables):
                 length += len(piece)
                 if length > self.limits.max_chars:
                     raise _Exceeded(f"the rendered text is longer than {self.limits.max_chars} characters")
                 pieces.append(piece)
+            return "".join(pieces)
+
+        try:
+            return self._bounded(run, self.limits.max_steps)
+        except ChatTemplateError:
+            raise
+        except Exception as exc:  # sandbox violations, undefined names, errors of the template's own making
+            raise ChatTemplateError(self.origin, f"rendering failed: {type(exc).__name__}: {exc}") from None
+
+    def _bounded(self, fn, max_steps: int):
+        """fn() under the step/time tracer and with the size checks armed; limits become ChatTemplateError."""
+        state = self._env.render_state
+        if state.active:
+            raise ChatTemplateError(self.origin, "rendering called from within its own rendering")
+        state.active, state.steps, state.emitted = True, 0, 0
+        state.deadline = time.perf_counter() + self.limits.max_seconds
+        tracer = _Tracer(state, self.limits, max_steps)
+        previous = sys.gettrace()
+        sys.settrace(tracer.global_trace)
+        try:
+            return fn()
         except _Exceeded as exc:
             raise ChatTemplateError(self.origin, f"refused: {exc}") from None
         except _TemplateRaised as exc:
             raise ChatTemplateError(self.origin, f"raised: {exc}") from None
-        except Exception as exc:  # sandbox violations, undefined names, errors of the template's own making
-            raise ChatTemplateError(self.origin, f"rendering failed: {type(exc).__name__}: {exc}") from None
         finally:
             sys.settrace(previous)
             state.active = False
-        return "".join(pieces)

@@ -160,11 +160,16 @@ class ModelConfig:
         bos = _bos(config, src)
         if bos is None and generation_config:
             bos = _bos(generation_config, generation_source)
+        vocab_size = _size(config, "vocab_size", src)
+        for name, token_id in (("bos_token_id", bos), *(("eos_token_id", t) for t in eos)):
+            if token_id is not None and token_id >= vocab_size:
+                raise ModelFileError(src, name, f"{token_id} is not a token id of the vocabulary (vocab_size "
+                                     f"{vocab_size})")
 
         return cls(
             architecture=architecture,
             model_type=model_type,
-            vocab_size=_size(config, "vocab_size", src),
+            vocab_size=vocab_size,
             hidden_size=hidden_size,
             intermediate_size=_size(config, "intermediate_size", src),
             num_layers=_size(config, "num_hidden_layers", src),

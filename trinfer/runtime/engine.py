@@ -343,14 +343,14 @@ class Engine:
             else:
                 raise TypeError("prompt: with chat=True expected a str or a non-empty list of message dicts")
             text = tok.apply_chat_template(messages, add_generation_prompt=True)
-            ids = self._encode_bounded(text, "the prompt rendered by the chat template", special=False)
+            ids = self._encode_bounded(text, "rendered by the chat template, ", special=False)
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: expected a non-empty prompt, got ''")
             if tok is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
             text = validate_text(prompt, "prompt")
-            ids = self._encode_bounded(prompt, "prompt", special=True)
+            ids = self._encode_bounded(prompt, "", special=True)
         elif isinstance(prompt, (list, tuple, torch.Tensor, np.ndarray)):
             if isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim != 1:
                 raise ValueError(f"prompt: token ids must be 1-D, got shape {tuple(prompt.shape)}")
@@ -385,14 +385,15 @@ class Engine:
 
     def _encode_bounded(self, text: str, what: str, *, special: bool) -> list[int]:
         """Token ids of `text`; a text that certainly cannot fit the context is refused first, cheaply
-        (`Tokenizer.exceeds`: a 10 MB prompt is not tokenized in full to learn that it is too long)."""
+        (`Tokenizer.exceeds`: a 10 MB prompt is not tokenized in full to learn that it is too long).
+        what: words for the message after "prompt: " ("" or e.g. "rendered by the chat template, ")."""
         tok = self.tokenizer
         budget = self.max_model_len - 1 - (tok.num_special_tokens_added if special else 0)
         over = tok.exceeds(text, budget)
         if over is not None:
-            raise ValueError(f"prompt: {what} has at least {over} tokens ({len(text)} characters), more than the "
-                             f"context of {self.max_model_len} tokens holds (at least one must be left to generate); "
-                             "shorten the prompt")
+            raise ValueError(f"prompt: {what}at least {over} tokens ({len(text)} characters), more than the context "
+                             f"of {self.max_model_len} tokens holds (at least one must be left to generate); shorten "
+                             "the prompt")
         return tok.encode(text, add_special_tokens=special)
 
     def _check_token_ids(self, ids: list) -> None:

@@ -444,10 +444,10 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
 
     eos = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        token_id = get_int(meta, key, source=src, default=None, minimum=0)
+        token_id = get_int(meta, key, source=src, default=None, minimum=0, maximum=vocab - 1)
         if token_id is not None and token_id not in eos:
             eos.append(token_id)
-    bos = get_int(meta, "tokenizer.ggml.bos_token_id", source=src, default=None, minimum=0)
+    bos = get_int(meta, "tokenizer.ggml.bos_token_id", source=src, default=None, minimum=0, maximum=vocab - 1)
     config = ModelConfig(
         architecture="LlamaForCausalLM",
         model_type="llama",

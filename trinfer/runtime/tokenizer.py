@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -79,18 +78,19 @@ def _token_content(value: Any, source: str, key: str) -> str | None:
     raise ModelFileError(source, key, f"expected a token string or {{'content': ...}}, got {short_repr(value)}")
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def validate_text(text: Any, name: str = "text") -> str:
     """`text` if it is a str of valid Unicode; TypeError for another type, ValueError naming `name` for a
     lone surrogate (what undecodable bytes become on a command line, or a broken UTF-16 string)."""
     if not isinstance(text, str):
         raise TypeError(f"{name}: expected str, got {type(text).__name__}")
-    bad = _SURROGATE.search(text)
-    if bad is not None:
-        raise ValueError(f"{name}: not valid Unicode text: a lone surrogate U+{ord(bad.group()):04X} at character "
-                         f"{bad.start()} (undecodable bytes, e.g. invalid UTF-8 on the command line?)")
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")  # C speed; only surrogates fail (a regex search is ~20x slower on megabytes)
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: not valid Unicode text: a lone surrogate U+{ord(text[exc.start]):04X} at "
+                         f"character {exc.start} (undecodable bytes, e.g. invalid UTF-8 on the command line?)") \
+            from None
     return text
 
 
@@ -338,6 +338,10 @@ class Tokenizer:
             for key, value in message.items():
                 if isinstance(value, str):
                     validate_text(value, f"messages[{index}][{key!r}]")
+                    if len(value) > self.template_limits.max_chars:
+                        raise ValueError(f"messages[{index}][{key!r}]: {len(value)} characters, more than the chat "
+                                         f"template's limit of {self.template_limits.max_chars} (a prompt that "
+                                         "long cannot fit a context anyway)")
         if self._template is None:
             self._template = ChatTemplate(self.chat_template, origin=self.chat_template_origin,
                                           limits=self.template_limits)
@@ -414,7 +418,10 @@ def _chat_template_from_dir(path: str, config: Mapping[str, Any], cfg_file: str)
             raise ModelFileError(jinja_file, None, f"not valid UTF-8 ({exc})") from None
     template, origin = config.get("chat_template"), f"{cfg_file}: chat_template"
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        get_list(config, "chat_template", source=cfg_file, item_name='objects {"name": str, "template": str}',
+                 item=lambda t: isinstance(t, Mapping) and isinstance(t.get("name"), str)
+                 and isinstance(t.get("template"), str))
+        named = {t["name"]: t["template"] for t in template}
         template, origin = named.get("default"), f"{cfg_file}: chat_template['default']"
     if template is None:
         json_file = os.path.join(path, "chat_template.json")
@@ -532,7 +539,7 @@ def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: S
 
 # Merge candidates a sentencepiece vocabulary may imply, in characters (the merges' two strings, summed):
 # real vocabularies imply a few million; a vocabulary implying more is refused rather than built.
-MAX_SENTENCEPIECE_MERGE_CHARS = 1 << 26
+MAX_SENTENCEPIECE_MERGE_CHARS = 1 << 25
 
 
 _HASH_MOD = (1 << 61) - 1  # a Mersenne prime: polynomial hashes of strings, for prefix/suffix lookups
