@@ -575,21 +575,37 @@ def _(ctx):
 # ---------------------------------------------------------------------------------------------------------
 # GGUF: seeded random mutations of the header (metadata and tensor directory)
 
+_REGIONS = ("small-metadata", "vocabulary", "tensor-directory")
+
+
 def _mutants(n: int, seed: int = 1234):
-    """n (label, mutate(bytes) -> bytes) pairs: byte flips, overwrites with extreme values, cuts, insertions
-    inside the header (the part a parser interprets), chosen by a seeded generator."""
+    """n seeded mutations of the header (the part a parser interprets): (label, kind, region, where, value, byte).
+
+    Spread over the three regions of the header: the small metadata entries before the vocabulary, the
+    vocabulary arrays, and the tensor directory; kinds: flip a byte, overwrite 8 or 4 bytes with an extreme
+    value, cut the file, insert bytes, zero 16 bytes.
+    """
     rng = random.Random(seed)
     out = []
     for i in range(n):
         kind = rng.choice(["flip", "u64", "u32", "cut", "insert", "zero"])
-        where = rng.random()
-        value = rng.choice([0, 1, 2**31 - 1, 2**32 - 1, 2**63, 2**64 - 1, 7, 9, 13])
-        out.append((f"{i:02d}-{kind}", kind, where, value, rng.randrange(1, 256)))
+        region = _REGIONS[i % len(_REGIONS)]
+        value = rng.choice([0, 1, 2**31 - 1, 2**32 - 1, 2**63, 2**64 - 1, 7, 9, 13, 32])
+        out.append((f"{region}-{i:02d}-{kind}", kind, region, rng.random(), value, rng.randrange(1, 256)))
     return out
 
 
-def _mutate(data: bytes, header_len: int, kind: str, where: float, value: int, byte: int) -> bytes:
-    pos = 24 + int(where * max(header_len - 32, 1))
+def _region(data: bytes, region: str) -> tuple[int, int]:
+    """Byte range of a header region of the base GGUF."""
+    vocab = data.index(b"tokenizer.ggml.tokens")
+    directory = data.index(b"token_embd.weight", data.index(b"tokenizer.chat_template")) - 8
+    end = data.index(b"blk.1.ffn_down.weight", directory) + 21 + 4 + 16 + 4 + 8
+    return {"small-metadata": (24, vocab), "vocabulary": (vocab, directory), "tensor-directory": (directory, end)}[region]
+
+
+def _mutate(data: bytes, kind: str, region: str, where: float, value: int, byte: int) -> bytes:
+    lo, hi = _region(data, region)
+    pos = lo + int(where * (hi - lo - 1))
     b = bytearray(data)
     if kind == "flip":
         b[pos] ^= byte
@@ -606,14 +622,10 @@ def _mutate(data: bytes, header_len: int, kind: str, where: float, value: int, b
     return bytes(b)
 
 
-def _header_len(data: bytes) -> int:
-    return data.index(b"token_embd.weight", data.index(b"tokenizer.chat_template")) + 64
-
-
-for _label, _kind, _where, _value, _byte in _mutants(60):
+for _label, _kind, _region_name, _where, _value, _byte in _mutants(90):
     case("gguf", f"gguf-mutant-{_label}", "ValueError|ok", "{path}")(
-        lambda ctx, k=_kind, w=_where, v=_value, b=_byte: ctx.load(ctx.gguf(_mutate(
-            ctx.spec().to_bytes(), _header_len(ctx.spec().to_bytes()), k, w, v, b))))
+        lambda ctx, k=_kind, r=_region_name, w=_where, v=_value, b=_byte: ctx.load(ctx.gguf(_mutate(
+            ctx.spec().to_bytes(), k, r, w, v, b))))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -752,11 +764,14 @@ for _label, _args, _names in [
     ("header-not-json", dict(header=b"\xff\x00garbage"), ("not a valid safetensors",)),
     ("header-nested-100k", dict(header="[" * 100_000 + "]" * 100_000), ("not a valid safetensors",)),
     ("header-a-list", dict(header="[]"), ("not a valid safetensors",)),
-    ("empty-file", dict(header=b"", length=None), ()),
 ]:
     case("hf", f"safetensors-{_label}", "ModelFileError", "{path}", *_names)(
-        lambda ctx, a=_args: ctx.load(_safetensors(ctx, **a) if a["header"] != b"" else ctx.hf(
-            {"model.safetensors": b"\0" * 4})))
+        lambda ctx, a=_args: ctx.load(_safetensors(ctx, **a)))
+
+
+@case("hf", "safetensors-4-byte-file", "ModelFileError", "{path}", "truncated")
+def _(ctx):
+    return ctx.load(ctx.hf({"model.safetensors": b"\0" * 4}))
 
 for _label, _edit, _names in [
     ("offsets-out-of-range", _set("lm_head.weight", data_offsets=[0, 2**40]), ()),

@@ -170,7 +170,9 @@ class _Cursor:
 
     def _need(self, n: int) -> None:
         if self.pos + n > self.size:
-            raise _error(self.path, self.key, f"truncated GGUF file (metadata runs past the end at byte {self.size})")
+            if self.key is None:
+                raise _error(self.path, None, f"truncated GGUF file (metadata runs past the end at byte {self.size})")
+            raise _error(self.path, self.key, f"runs past the end of the file at byte {self.size}: truncated GGUF file")
 
     def scalar(self, fmt: str, n: int):
         self._need(n)
