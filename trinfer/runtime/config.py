@@ -3,7 +3,9 @@
 Only what trinfer implements is accepted. Every option that would change the model's math in a way the
 runtime does not reproduce (another architecture, an active sliding window, a rope type other than
 default/linear/llama3, biases where the model has none, another activation, partial rotary) is refused
-with a ValueError that names the option, so a checkpoint is never silently run wrong.
+with a ValueError that names the option, so a checkpoint is never silently run wrong. Every field is read
+with its type checked (`fields`): `"tie_word_embeddings": "false"` is a ModelFileError naming the file, the
+key, the expected type and the value, never a truthy string.
 
     cfg = ModelConfig.from_hf(json.load(open("config.json")), json.load(open("generation_config.json")))
 """

@@ -18,7 +18,10 @@ Canonical weights (V vocab, H hidden, I intermediate, nq/nkv heads, hd head_dim)
     layers.{i}.down_proj [H, I]
 Weights stream one tensor at a time from the files into their (preallocated) place on the device, so the
 host never holds the checkpoint twice. A matrix may instead be a `QuantizedWeight` (GGUF Q8_0/Q4_0/Q4_1 blocks,
-AWQ/GPTQ layers, `quantize=`; see quantization.py): same name and shape, fused the same way.
+AWQ/GPTQ layers, `quantize=`; see quantization.py): same name and shape, fused the same way. Files are
+checked before anything is allocated from what they declare (every safetensors header, the layer count
+against the tensors present: `check_layer_count`), and every problem is a ModelFileError naming the file
+and the field or tensor.
 """
 from __future__ import annotations
 
