@@ -1,7 +1,7 @@
-"""Hostile inputs: every malformed file, template, prompt and argument in tests/hostile_cases.py is refused with
-the right error naming the file and key, within bounded time and memory, and the engine keeps serving.
+"""Hostile inputs: every malformed file, template, prompt and argument in tests/hostile/ is refused with the
+right error naming the file and key, within bounded time and memory, and the engine keeps serving.
 
-The cases run in a few worker processes (tests/hostile_worker.py, one per group), so that peak memory is
+The cases run in a few worker processes (tests/hostile/worker.py, one per group), so that peak memory is
 measured per case in a process of its own and a runaway case cannot take the test process with it. Each
 case is then one test here: its verdict (error type, names in the message, or the success check), its
 CPU time (< 2 s; the workers run side by side, and the machine may be shared) and its peak resident memory above what the worker held before it (< 500 MB), and the good
@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-import hostile_cases as H
+import hostile as H
 
 MAX_SECONDS = 2.0
 MAX_PEAK_MB = 500.0
@@ -40,7 +40,7 @@ def workers(base, tmp_path_factory):
     procs = {}
     for group in H.GROUPS:
         out = os.path.join(out_dir, f"{group}.json")
-        procs[group] = (subprocess.Popen([sys.executable, os.path.join(TESTS, "hostile_worker.py"), base, group, out],
+        procs[group] = (subprocess.Popen([sys.executable, os.path.join(TESTS, "hostile", "worker.py"), base, group, out],
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                          cwd=REPO), out)
     yield procs

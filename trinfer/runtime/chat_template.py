@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["ChatTemplate", "ChatTemplateError", "TemplateLimits"]
 

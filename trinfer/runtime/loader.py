@@ -25,7 +25,6 @@ and the field or tensor.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat

@@ -1,6 +1,7 @@
-"""Runs one group of tests/hostile_cases.py in this process and writes a JSON verdict per case.
+"""Runs one group of the hostile-input cases (the `hostile` package) in this process and writes a JSON
+verdict per case.
 
-    python tests/hostile_worker.py BASE_DIR GROUP OUT.json
+    python tests/hostile/worker.py BASE_DIR GROUP OUT.json
 
 For each case: the wall and CPU time, the peak resident memory above what the process held just before it (the
 kernel's peak counter is reset before each case: /proc/self/clear_refs), the exception (type and
@@ -84,7 +85,7 @@ def _verdict(c, outcome: dict, path: str | None) -> list[str]:
 
 
 def main(base: str, group: str, out: str) -> None:
-    import hostile_cases as H
+    import hostile as H
 
     t0 = time.perf_counter()
     libc = _libc()
@@ -151,5 +152,5 @@ def main(base: str, group: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: hostile, checkpoints
     main(*sys.argv[1:4])

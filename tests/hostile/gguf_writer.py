@@ -1,6 +1,6 @@
 """A small GGUF writer for tests, written from the format (GGUF v3), so that every field can be made wrong.
 
-    spec = tiny_llama_spec()                       # metadata entries and tensors of a valid tiny llama
+    spec = tiny_llama_spec(tokens=..., token_types=..., merges=..., chat_template=...)  # a valid tiny llama
     spec.set("llama.block_count", U32, 10**9)       # change (or add) one metadata entry
     spec.tensors[0].dims = (0, 32)                  # or a tensor's directory entry
     path.write_bytes(spec.to_bytes())
