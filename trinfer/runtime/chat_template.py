@@ -117,6 +117,7 @@ def _make_environment(limits: TemplateLimits):
     import jinja2
     from jinja2.compiler import CodeGenerator
     from jinja2.ext import loopcontrols
+    from jinja2.runtime import markup_join, str_join
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class _Generator(CodeGenerator):
@@ -131,11 +132,14 @@ def _make_environment(limits: TemplateLimits):
             super()._output_child_post(node, frame, finalize)
 
         def visit_Concat(self, node, frame) -> None:
+            # What jinja2 writes (markup_join when autoescaping, else str_join), behind the size checks.
+            markup = ("context.eval_ctx.autoescape" if frame.eval_ctx.volatile
+                      else "True" if frame.eval_ctx.autoescape else "False")
             self.write("environment.bounded_concat((")
             for arg in node.nodes:
                 self.visit(arg, frame)
                 self.write(", ")
-            self.write("))")
+            self.write(f"), {markup})")
 
     class _Environment(ImmutableSandboxedEnvironment):
         code_generator_class = _Generator
@@ -184,12 +188,12 @@ def _make_environment(limits: TemplateLimits):
                 raise _Exceeded(f"the template emits more than {self.limits.max_total_chars} characters")
             return value
 
-        def bounded_concat(self, values) -> str:
+        def bounded_concat(self, values, markup: bool) -> str:
             for v in values:
                 self.check("'~'", v)
             self.predict("'~'", sum(_size(v, self.limits.max_chars) if not isinstance(v, (int, float)) else 24
                                     for v in values))
-            return self.check("'~'", "".join(map(str, values)))
+            return self.check("'~'", markup_join(values) if markup else str_join(values))
 
         # ---- operators, calls, str.format
         def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
