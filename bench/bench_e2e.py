@@ -1,6 +1,6 @@
 """End-to-end greedy decoding: trinfer against Hugging Face transformers, on identical random weights.
 
-Models of real shapes (Llama-3.2-1B, Llama-3-8B; bf16) are made on the GPU in a second from a seed
+Models of real shapes (Llama-3.2-1B, Llama-3-8B, Qwen3-8B; bf16) are made on the GPU in a second from a seed
 (`trinfer.runtime.random_model`): no checkpoint is written or read. transformers runs on the very same
 tensors (views of trinfer's fused weights). For each shape, batch and prompt length, three systems:
 
@@ -44,12 +44,13 @@ import torch
 from bench import harness as H
 
 SYSTEMS = ("trinfer", "hf_eager", "hf_compile")
-FULL = dict(shapes=("Llama-3.2-1B", "Llama-3-8B"), batches=(1, 8, 64), prompts=(128, 512, 2048, 8192), new=128)
+FULL = dict(shapes=("Llama-3.2-1B", "Llama-3-8B", "Qwen3-8B"), batches=(1, 8, 64), prompts=(128, 512, 2048, 8192),
+            new=128)
 QUICK = dict(shapes=("Llama-3.2-1B", "Llama-3-8B"), batches=(1,), prompts=(512,), new=32)
 SMOKE = dict(shapes=("tiny",), batches=(1, 2), prompts=(8,), new=4)
 # Rough torch.compile + CUDA-graph capture cost of hf_compile's warm-up (an H200-class machine), used only to
 # decide whether it fits the remaining --budget-s.
-COMPILE_ESTIMATE_S = {"Llama-3.2-1B": 60.0, "Llama-3-8B": 110.0, "tiny": 30.0}
+COMPILE_ESTIMATE_S = {"Llama-3.2-1B": 60.0, "Llama-3-8B": 110.0, "Qwen3-8B": 120.0, "tiny": 30.0}
 
 ROW_KEYS = ("shape", "batch", "prompt_len", "new_tokens", "system", "status", "error", "ttft_ms", "tpot_median_ms",
             "tpot_p90_ms", "tokens_per_s", "step_bytes", "floor_ms", "achieved_gbps", "pct_floor", "match_vs",

@@ -23,6 +23,7 @@ class ModelShape:
     n_layers: int
     rope_theta: float
     rms_eps: float = 1e-5
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before the rotary embedding
 
     @property
     def q_size(self) -> int:
@@ -38,7 +39,8 @@ def from_config(name: str, cfg: dict) -> ModelShape:
     return ModelShape(name, hidden=cfg["hidden_size"], n_heads=cfg["num_attention_heads"],
                       n_kv_heads=cfg["num_key_value_heads"], head_dim=cfg["head_dim"],
                       intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"],
-                      n_layers=cfg["num_hidden_layers"], rope_theta=cfg["rope_theta"], rms_eps=cfg["rms_norm_eps"])
+                      n_layers=cfg["num_hidden_layers"], rope_theta=cfg["rope_theta"], rms_eps=cfg["rms_norm_eps"],
+                      qk_norm=cfg["architectures"] == ["Qwen3ForCausalLM"])
 
 
 # The real shapes come from the package's one table of published configs (also used by the end-to-end
@@ -46,6 +48,7 @@ def from_config(name: str, cfg: dict) -> ModelShape:
 SMOLLM2_135M = from_config("SmolLM2-135M", MODEL_SHAPES["SmolLM2-135M"])
 LLAMA_3_2_1B = from_config("Llama-3.2-1B", MODEL_SHAPES["Llama-3.2-1B"])
 LLAMA_3_8B = from_config("Llama-3-8B", MODEL_SHAPES["Llama-3-8B"])
+QWEN3_8B = from_config("Qwen3-8B", MODEL_SHAPES["Qwen3-8B"])  # the q/k norm of the fused rotary kernel
 
 # A toy shape for --tiny / --cpu-smoke runs (the Triton interpreter costs ~3 ms per program loop trip):
 # GQA group 2, head_dim 64 (what the attention kernels serve), everything else small.
@@ -53,7 +56,9 @@ TINY = ModelShape("tiny", hidden=128, n_heads=4, n_kv_heads=2, head_dim=64, inte
                   n_layers=2, rope_theta=10000.0)
 
 MODELS: tuple[ModelShape, ...] = (SMOLLM2_135M, LLAMA_3_2_1B, LLAMA_3_8B)
-MODELS_BY_NAME = {m.name: m for m in MODELS + (TINY,)}
+# Kernels that only Qwen3 runs (the q/k norm fused into rotary + KV write) are measured at its shape.
+QK_NORM_MODELS: tuple[ModelShape, ...] = (QWEN3_8B,)
+MODELS_BY_NAME = {m.name: m for m in MODELS + QK_NORM_MODELS + (TINY,)}
 
 # --quick (the GPU check): attention at the two shapes the end-to-end decode benchmark runs (head_dim 64 and
 # 128); the row-wise kernels, whose speed depends on bytes rather than on the model, at Llama-3-8B only.

@@ -4,7 +4,8 @@
     hf = load_hf_model(path)                                                  # transformers' model, fp32
 
 Families: "llama" (Llama 2 style), "llama3" (Llama-3.1 rope scaling, theta 5e5), "qwen2" (q/k/v biases),
-"mistral" (no sliding window). Defaults: hidden 64, 2 layers, 4 query / 2 KV heads (head_dim 16),
+"mistral" (no sliding window), "qwen3" (per-head q/k RMSNorm, explicit head_dim 32 != hidden / heads, eps 1e-6,
+and a Qwen3-style chat template: QWEN3_TEMPLATE). Defaults: hidden 64, 2 layers, 4 query / 2 KV heads (head_dim 16),
 intermediate 96, vocab 512, context 2048; any config key can be overridden.
 
 Weights are random but not Hugging Face's init: every tensor (biases and norms included, which HF starts
@@ -29,7 +30,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-FAMILIES = ("llama", "llama3", "qwen2", "mistral")
+FAMILIES = ("llama", "llama3", "qwen2", "mistral", "qwen3")
+_QWEN = ("qwen2", "qwen3")  # no BOS, digits split one by one, EOS <|im_end|>
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 BOS_ID, EOS_ID, IM_END_ID = 1, 2, 4
@@ -72,7 +74,65 @@ _FAMILY_CONFIG = {
     }),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", {"rope_theta": 1000000.0, "use_sliding_window": False}),
     "mistral": ("MistralForCausalLM", "mistral", {"rope_theta": 1000000.0, "sliding_window": None}),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", {"rope_theta": 1000000.0, "use_sliding_window": False, "head_dim": 32,
+                                            "rms_norm_eps": 1e-6, "max_window_layers": 2}),
 }
+
+# A chat template written in the style of Qwen3's (its features, not its text): a tools block (tojson), a
+# namespace updated in a reversed loop, string tests and methods (startswith/endswith/split/strip), reasoning
+# kept only after the last user query, tool calls with JSON arguments, consecutive tool results grouped
+# into one user turn, and `enable_thinking=False` closing an empty think block in the generation prompt.
+QWEN3_TEMPLATE = """\
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+    {{- '# Tools\\n<tools>' }}
+    {%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+    {{- '\\n</tools>\\nCall a tool as <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_query=-1) %}
+{%- for message in messages[::-1] %}
+    {%- set i = messages | length - 1 - loop.index0 %}
+    {%- if ns.last_query < 0 and message.role == 'user' and message.content is string
+          and not (message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.last_query = i %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' %}
+        {%- if not reasoning and '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if loop.index0 > ns.last_query and reasoning %}
+            {{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- content }}
+        {%- for call in message.tool_calls or [] %}
+            {%- set call = call.function if call.function is defined else call %}
+            {%- if content or not loop.first %}{{- '\\n' }}{%- endif %}
+            {{- '<tool_call>\\n{"name": "' + call.name + '", "arguments": ' }}
+            {{- call.arguments if call.arguments is string else call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
 
 
 def _byte_symbols() -> list[str]:
@@ -126,16 +186,16 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 def tiny_tokenizer(vocab_size: int = 512, family: str = "llama"):
     """A byte-level BPE `tokenizers.Tokenizer` with exactly `vocab_size` ids (see the module docstring).
 
-    As in the real families' tokenizer.json: Qwen2 normalizes to NFC, splits with its own regex (digits
-    one by one) and adds no BOS; the others use GPT-2's split and a post-processor that adds BOS <s>, so that transformers'
-    AutoTokenizer (which takes BOS from the post-processor) and trinfer encode alike.
+    As in the real families' tokenizer.json: Qwen2/Qwen3 normalize to NFC, split with their own regex (digits
+    one by one) and add no BOS; the others use GPT-2's split and a post-processor that adds BOS <s>, so that
+    transformers' AutoTokenizer (which takes BOS from the post-processor) and trinfer encode alike.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     base = len(SPECIAL_TOKENS) + 256
     if vocab_size < base:
         raise ValueError(f"vocab_size: the tiny tokenizer needs at least {base} ids, got {vocab_size}")
-    if family == "qwen2":
+    if family in _QWEN:
         pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
@@ -156,7 +216,7 @@ def tiny_tokenizer(vocab_size: int = 512, family: str = "llama"):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=kept, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
-    if family == "qwen2":
+    if family in _QWEN:
         tok.normalizer = normalizers.NFC()
     else:
         bos = SPECIAL_TOKENS[BOS_ID]
@@ -172,7 +232,7 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=2, ensure_ascii=False)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+def _randomize(model: torch.nn.Module, seed: int, embed_std: float = 1.0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -181,7 +241,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             elif name.endswith(".bias"):
                 value = 0.5 * torch.randn(p.shape, generator=gen)
             elif "embed_tokens" in name:
-                value = torch.randn(p.shape, generator=gen)
+                value = embed_std * torch.randn(p.shape, generator=gen)
             else:
                 value = torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5
             p.copy_(value)
@@ -196,12 +256,15 @@ def make_hf_checkpoint(
     seed: int = 0,
     max_shard_size: str | int | None = None,
     name: str | None = None,
+    embed_std: float = 1.0,
     **overrides,
 ) -> str:
     """Write a tiny random-weight checkpoint of `family` under tmp_dir and return its directory.
 
     rope_scaling: replaces the family's (e.g. {"rope_type": "linear", "factor": 2.0}); llama3 has its own.
     max_shard_size: passed to save_pretrained (e.g. "100KB") to get shards and model.safetensors.index.json.
+    embed_std: the embedding's std (1.0). A tied embedding that large makes each token's own logit win: the model
+    repeats its input; 1/sqrt(hidden) does not.
     overrides: config keys (hidden_size=..., num_hidden_layers=..., vocab_size=..., head_dim=...).
     The directory holds config.json, model.safetensors (or shards), generation_config.json,
     tokenizer.json and tokenizer_config.json.
@@ -215,8 +278,8 @@ def make_hf_checkpoint(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
         tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None if family == "qwen2" else BOS_ID,
-        eos_token_id=IM_END_ID if family == "qwen2" else EOS_ID,
+        bos_token_id=None if family in _QWEN else BOS_ID,
+        eos_token_id=IM_END_ID if family in _QWEN else EOS_ID,
         pad_token_id=0,
     )
     kwargs.update(extra)
@@ -230,7 +293,7 @@ def make_hf_checkpoint(
         model = getattr(transformers, arch)(config).to(torch.float32).eval()
     finally:
         torch.random.set_rng_state(torch_state)
-    _randomize(model, seed)
+    _randomize(model, seed, embed_std)
     if tie_word_embeddings:
         model.tie_weights()
 
@@ -238,7 +301,7 @@ def make_hf_checkpoint(
     os.makedirs(path, exist_ok=True)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     model.save_pretrained(path, safe_serialization=True, **save_kwargs)
-    eos_ids = [IM_END_ID, 0] if family == "qwen2" else [EOS_ID, IM_END_ID]
+    eos_ids = [IM_END_ID, 0] if family in _QWEN else [EOS_ID, IM_END_ID]
     generation = {"bos_token_id": kwargs["bos_token_id"], "eos_token_id": eos_ids, "do_sample": False}
     _write_json(os.path.join(path, "generation_config.json"), generation)
 
@@ -246,12 +309,12 @@ def make_hf_checkpoint(
     tokenizer.save(os.path.join(path, "tokenizer.json"))
     _write_json(os.path.join(path, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": family != "qwen2",
+        "add_bos_token": family not in _QWEN,
         "add_eos_token": False,
-        "bos_token": None if family == "qwen2" else SPECIAL_TOKENS[BOS_ID],
-        "eos_token": SPECIAL_TOKENS[IM_END_ID] if family == "qwen2" else SPECIAL_TOKENS[EOS_ID],
+        "bos_token": None if family in _QWEN else SPECIAL_TOKENS[BOS_ID],
+        "eos_token": SPECIAL_TOKENS[IM_END_ID] if family in _QWEN else SPECIAL_TOKENS[EOS_ID],
         "pad_token": SPECIAL_TOKENS[0],
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": QWEN3_TEMPLATE if family == "qwen3" else CHATML_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.max_position_embeddings,
     })
@@ -346,18 +409,21 @@ def make_gguf_checkpoint(
     seed: int = 0,
     **overrides,
 ) -> tuple[str, str]:
-    """A tiny llama GGUF converted the way llama.cpp does it, from a make_hf_checkpoint directory.
+    """A tiny llama (or qwen3) GGUF converted the way llama.cpp does it, from a make_hf_checkpoint directory.
 
-    qtype: the type of every matrix (F32, F16, BF16, Q8_0, Q4_0, Q4_1); norms stay F32. q/k rows are
+    qtype: the type of every matrix (F32, F16, BF16, Q8_0, Q4_0, Q4_1); norms stay F32. llama: q/k rows are
     permuted as llama.cpp's converter does; family "llama3" also writes rope_freqs.weight. The tokenizer
-    metadata is the tiny byte-level BPE ("gpt2", pre "default"). Returns (gguf path, the HF directory it
-    came from). Needs the gguf package (absent on the GPU machine).
+    metadata is the tiny byte-level BPE ("gpt2", pre "default"). Family "qwen3" writes architecture `qwen3`
+    as llama.cpp's converter does: q/k rows as they are (half-split RoPE), attn_q_norm / attn_k_norm F32,
+    key/value length = head_dim, pre-tokenizer "qwen2", no BOS, EOS <|im_end|>, the QWEN3_TEMPLATE.
+    Returns (gguf path, the HF directory it came from). Needs the gguf package (absent on the GPU machine).
     """
     import gguf
     from safetensors.torch import load_file
 
-    if family not in ("llama", "llama3"):
-        raise ValueError(f"family: a llama GGUF is 'llama' or 'llama3', got {family!r}")
+    if family not in ("llama", "llama3", "qwen3"):
+        raise ValueError(f"family: a GGUF is made for 'llama', 'llama3' or 'qwen3', got {family!r}")
+    qwen = family == "qwen3"
     hf_dir = make_hf_checkpoint(tmp_dir, family, tie_word_embeddings=tie_word_embeddings, seed=seed, **overrides)
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
@@ -371,7 +437,7 @@ def make_gguf_checkpoint(
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
 
     path = os.path.join(os.fspath(tmp_dir), f"tiny-{family}-{qtype}-{'tied' if tie_word_embeddings else 'untied'}.gguf")
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, "qwen3" if qwen else "llama")
     w.add_name(f"tiny {family}")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -379,7 +445,7 @@ def make_gguf_checkpoint(
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    if head_dim * heads != cfg["hidden_size"]:
+    if qwen or head_dim * heads != cfg["hidden_size"]:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
@@ -387,20 +453,20 @@ def make_gguf_checkpoint(
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(0)
-    tok = tiny_tokenizer(cfg["vocab_size"])
+    tok = tiny_tokenizer(cfg["vocab_size"], family)
     vocab = tok.get_vocab(with_added_tokens=True)
     tokens = sorted(vocab, key=vocab.get)
     model = json.loads(tok.to_str())["model"]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("qwen2" if qwen else "default")
     w.add_token_list(tokens)
     special = set(SPECIAL_TOKENS) | {t for t in tokens if t.startswith("<|reserved_")}
     w.add_token_types([3 if t in special else 1 for t in tokens])
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_add_bos_token(True)
-    w.add_chat_template(CHATML_TEMPLATE)
+    w.add_bos_token_id(0 if qwen else BOS_ID)  # Qwen's converter writes <|endoftext|> here, and no BOS is added
+    w.add_eos_token_id(IM_END_ID if qwen else EOS_ID)
+    w.add_add_bos_token(not qwen)
+    w.add_chat_template(QWEN3_TEMPLATE if qwen else CHATML_TEMPLATE)
 
     kind = getattr(gguf.GGMLQuantizationType, qtype)
 
@@ -432,12 +498,14 @@ def make_gguf_checkpoint(
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down"}
+    if qwen:
+        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
     for i in range(cfg["num_hidden_layers"]):
         for hf_name, gguf_name in names.items():
             t = state[f"model.layers.{i}.{hf_name}.weight"]
-            if gguf_name == "attn_q":
+            if gguf_name == "attn_q" and not qwen:
                 t = llama_cpp_permute(t, heads)
-            elif gguf_name == "attn_k":
+            elif gguf_name == "attn_k" and not qwen:
                 t = llama_cpp_permute(t, kv_heads)
             add(f"blk.{i}.{gguf_name}.weight", t, not gguf_name.endswith("norm"))
     w.write_header_to_file()

@@ -30,7 +30,7 @@ MODE = "gpu-tiny" if HAS_CUDA else "cpu-smoke"
 SCRIPTS = [
     ("bench_rms_norm", ("rms_norm", "fused_add_rms_norm"), True),
     ("bench_sampling", ("greedy_sample", "greedy_sample+logprobs", "lm_head_greedy"), False),
-    ("bench_rotary", ("apply_rotary", "rotary_write_kv_cache"), False),
+    ("bench_rotary", ("apply_rotary", "rotary_write_kv_cache", "qk_norm_rotary_write_kv_cache"), False),
     ("bench_silu_and_mul", ("silu_and_mul",), False),
     ("bench_kv_cache", ("write_kv_cache",), False),
     ("bench_prefill_attention", ("paged_prefill_attention",), False),
@@ -391,6 +391,9 @@ def test_e2e_counts():
     embed = 128256 * 4096 * 2
     assert step_bytes(cfg, w, batch=1, context=0, elem=2) == w - embed + 4096 * 2
     assert step_bytes(cfg, w, 2, 10, 2) - step_bytes(cfg, w, 2, 0, 2) == 2 * 32 * 10 * 8 * 128 * 2 * 2 + 0
+    qwen3 = ModelConfig.from_hf(MODEL_SHAPES["Qwen3-8B"])  # 36 layers x 8 KV heads x 128
+    wq = weight_bytes(qwen3, torch.bfloat16)
+    assert step_bytes(qwen3, wq, 1, 10, 2) - step_bytes(qwen3, wq, 1, 0, 2) == 2 * 36 * 10 * 8 * 128 * 2
     tied = ModelConfig.from_hf(MODEL_SHAPES["Llama-3.2-1B"])
     assert step_bytes(tied, 100, 1, 0, 2) == 100
     assert tpot_stats([0.0, 1.0, 3.0, 6.0]) == (2.0, pytest.approx(2.8))

@@ -164,7 +164,7 @@ _DROP = object()
 @pytest.mark.parametrize("raw, match", [
     (_with(LLAMA2_7B, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"), "architectures"),
     (_with(MISTRAL_7B_V03, architectures=["MixtralForCausalLM"], model_type="mixtral"), "architectures"),
-    (_with(QWEN2_7B, architectures=["Qwen3ForCausalLM"], model_type="qwen3"), "architectures"),
+    (_with(QWEN2_7B, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe"), "architectures"),
     (_with(LLAMA2_7B, architectures=_DROP, model_type="phi3"), "architectures"),
     (_with(LLAMA2_7B, model_type="mistral"), "model_type"),
     (_with(LLAMA2_7B, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type 'dynamic'"),

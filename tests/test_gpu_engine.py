@@ -2,9 +2,10 @@
 
 - Greedy tokens equal transformers' on the same GPU: fp32 random Llama-family checkpoints (tests/checkpoints.py,
   whose weights give clear logit margins) at head_dim 64 (9 query / 3 KV heads, as SmolLM2) and 128 (Llama-3.1
-  rope scaling, 4 / 1 heads), served with CUDA graphs and the async loop on, prompts arriving one per step, two
-  ending at an end-of-sequence token mid-way, and prompts decoding across the graphs' context buckets (1024 and
-  4096 tokens). transformers runs each prompt alone; its tokens, cut after the first EOS, are the oracle.
+  rope scaling, 4 / 1 heads; and a Qwen3: q/k norm, head_dim 128 with hidden 512 / 8 heads), served with CUDA
+  graphs and the async loop on, prompts arriving one per step, two ending at an end-of-sequence token mid-way, and
+  prompts decoding across the graphs' context buckets (1024 and 4096 tokens). transformers runs each prompt alone;
+  its tokens, cut after the first EOS, are the oracle.
 - The async pipeline with a slowed device: a GPU sleep before every graph replay keeps the device behind, so the
   host runs ahead (it queues step k+1, fills the buffers of step k+2) while earlier steps have not run; every
   output equals the synchronous loop's.
@@ -24,6 +25,9 @@ CHECKPOINTS = {  # family, config overrides
                                max_position_embeddings=8192)),
     "d128-gqa4": ("llama3", dict(hidden_size=512, intermediate_size=1024, num_attention_heads=4,
                                  num_key_value_heads=1, max_position_embeddings=8192, tie_word_embeddings=True)),
+    # Qwen3: the q/k norm fused into the rotary + KV write, head_dim 128 where hidden / heads is 64.
+    "qwen3-d128-gqa2": ("qwen3", dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                                      num_key_value_heads=4, head_dim=128, max_position_embeddings=8192)),
 }
 
 

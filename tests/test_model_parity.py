@@ -1,8 +1,8 @@
 """Greedy token ids equal Hugging Face transformers' on the same weights (fp32, CPU).
 
 Random-weight checkpoints of each family (tests/checkpoints.py) with the torch backend at full length,
-the Triton kernels (the interpreter on a CPU) on a tiny model across KV block boundaries, and the default
-model (GGUF) against transformers reading the same GGUF itself.
+the Triton kernels (the interpreter on a CPU) on a tiny Qwen2 and a tiny Qwen3 across KV block boundaries, and
+the default model (GGUF) against transformers reading the same GGUF itself.
 """
 import pytest
 import torch
@@ -23,6 +23,10 @@ FAMILIES = {
     "llama3": dict(family="llama3", tie_word_embeddings=True),            # Llama-3.1 rope scaling, tied
     "qwen2": dict(family="qwen2"),                                        # q/k/v biases
     "mistral": dict(family="mistral", num_key_value_heads=1),             # GQA group of 4
+    # Qwen3: per-head q/k norm, head_dim 32 with hidden 64 / 4 heads; untied with a GQA group of 4, and tied (an
+    # embedding of std 1/sqrt(hidden), 4 layers: a tied tiny model with a larger one only repeats its input).
+    "qwen3": dict(family="qwen3", num_key_value_heads=1),
+    "qwen3-tied": dict(family="qwen3", tie_word_embeddings=True, embed_std=0.125, num_hidden_layers=4),
 }
 
 
@@ -56,18 +60,27 @@ def test_torch_backend_matches_transformers(name, tmp_path):
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
 
 
+TRITON_CASES = {
+    # 2 layers, hidden 128, 2 query heads / 1 KV head of dim 64 (the attention kernels' smallest head dim); biases
+    "qwen2": ("qwen2", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1), 7),
+    # the q/k norm fused into the rotary + KV write; head_dim 64 explicit (hidden 64 / 2 heads would give 32)
+    "qwen3": ("qwen3", dict(num_attention_heads=2, num_key_value_heads=1, head_dim=64), 5),
+}
+
+
 @pytest.mark.interpreter
-def test_triton_backend_matches_transformers_across_blocks(tmp_path):
-    """The Triton kernels (interpreted on a CPU) on a tiny Qwen2 (biases) with 4-token blocks: prompts of 3
-    and 6 tokens and 7 new tokens cross two block boundaries in prefill and in decode."""
-    # 2 layers, hidden 128, 2 query heads / 1 KV head of dim 64 (the attention kernels' smallest head dim)
-    path = make_hf_checkpoint(str(tmp_path), "qwen2", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_backend_matches_transformers_across_blocks(name, tmp_path):
+    """The Triton kernels (interpreted on a CPU) on a tiny Qwen2 (biases) and a tiny Qwen3 (q/k norm) with 4-token
+    blocks: prompts of 3 and 6 tokens and 5-7 new tokens cross block boundaries in prefill and in decode."""
+    family, overrides, new = TRITON_CASES[name]
+    path = make_hf_checkpoint(str(tmp_path), family, **overrides)
     hf = no_eos(load_hf_model(path))
     llm = LLM(path, backend="triton", dtype="float32", device="cpu", block_size=4, debug=True)
     prompts = [[1, 17, 99], [1, 400, 33, 2, 9, 81]]
-    outs = llm.generate(prompts, max_new_tokens=7, ignore_eos=True)
+    outs = llm.generate(prompts, max_new_tokens=new, ignore_eos=True)
     for prompt, out in zip(prompts, outs):
-        expected, expected_lp = hf_greedy(hf, prompt, 7)
+        expected, expected_lp = hf_greedy(hf, prompt, new)
         assert out.token_ids == expected
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
 

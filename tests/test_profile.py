@@ -51,6 +51,10 @@ def test_model_shapes_parse_and_sizes():
     assert sizes["SmolLM2-135M"] == 134_515_008 * 2
     assert sizes["Llama-3.2-1B"] == 1_235_814_400 * 2
     assert sizes["Llama-3-8B"] == 8_030_261_248 * 2
+    # Qwen3 (model cards: 8.2B of which 6.95B non-embedding; 0.6B of which 0.44B non-embedding): q/k norms counted.
+    assert sizes["Qwen3-8B"] == (2 * 151936 * 4096 + 36 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 12288
+                                                           + 2 * 4096 + 2 * 128) + 4096) * 2 == 8_190_735_360 * 2
+    assert sizes["Qwen3-0.6B"] == 596_049_920 * 2  # tied; head_dim 128 with hidden 1024 and 16 heads
     cfg = hf_config_dict("Llama-3-8B", max_position_embeddings=16384)
     assert cfg["max_position_embeddings"] == 16384 and MODEL_SHAPES["Llama-3-8B"]["max_position_embeddings"] == 8192
     with pytest.raises(ValueError, match="shape"):
@@ -73,13 +77,19 @@ def test_random_model_weights_and_hf_views():
     assert sd["lm_head.weight"] is lm.weights["embed_tokens"]  # tied
 
 
-def test_hf_twin_agrees_with_engine():
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3"])  # a Llama; a Qwen3 (q/k norm, head_dim 2x hidden/heads)
+def test_hf_twin_agrees_with_engine(shape):
+    """The models bench_e2e and the profiler run: transformers' twin (LlamaForCausalLM / Qwen3ForCausalLM) on views
+    of the same weights gives the engine's greedy tokens."""
     pytest.importorskip("transformers")
     from trinfer.runtime import Engine, SamplingParams
     from trinfer.runtime.random_model import hf_model
 
-    lm = random_model("tiny", device="cpu", dtype=torch.float32)
-    hf = hf_model(lm, hf_config_dict("tiny"))
+    lm = random_model(shape, device="cpu", dtype=torch.float32)
+    hf = hf_model(lm, hf_config_dict(shape))
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if shape == "tiny-qwen3" else "LlamaForCausalLM")
+    if lm.config.qk_norm:
+        assert hf.model.layers[1].self_attn.k_norm.weight.data_ptr() == lm.weights["layers.1.k_norm"].data_ptr()
     assert hf.model.layers[1].mlp.up_proj.weight.data_ptr() == lm.weights["layers.1.gate_up_proj"][
         lm.config.intermediate_size:].data_ptr()
     prompt = torch.randint(3, lm.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))

@@ -7,7 +7,7 @@ import torch
 from tolerances import DTYPES, assert_close
 from trinfer.triton_kernels import apply_rotary, build_rope_cache, rotary_write_kv_cache
 from trinfer.triton_kernels._utils import interpreting
-from trinfer.triton_kernels.references import apply_rotary_ref, rotary_write_kv_cache_ref
+from trinfer.triton_kernels.references import apply_rotary_ref, rms_norm_ref, rotary_write_kv_cache_ref
 
 MAX_POS = 2048
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -22,17 +22,23 @@ def _trunc_bf16(t):
     return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
 
 
-def _expected(x, positions, cache):
-    """The reference result for x `[T, H, D]` (not modified). Under the interpreter bf16 casts truncate, so
-    there the same formula is evaluated with truncating casts: the kernel must then match it bit for bit."""
+def _expected(x, positions, cache, norm_weight=None, eps=None):
+    """The reference result for x `[T, H, D]` (not modified), with the per-head RMSNorm first when norm_weight is
+    given. Under the interpreter bf16 casts truncate, so there the same formula is evaluated with truncating
+    casts: the kernel must then match it bit for bit (up to the norm's sum of squares, see its tests)."""
     y = x.clone()
     if not (interpreting() and x.dtype == torch.bfloat16):
+        if norm_weight is not None:
+            y.copy_(rms_norm_ref(y, norm_weight, eps))
         apply_rotary_ref(y, y[:, :0], positions, cache)
         return y
     half = x.shape[-1] // 2
     rows = cache[positions.long()]
     c, s = _trunc_bf16(rows[:, None, :half]), _trunc_bf16(rows[:, None, half:])
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    h = x.float()
+    if norm_weight is not None:
+        h = _trunc_bf16(_trunc_bf16(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)) * norm_weight.float())
+    x1, x2 = h[..., :half], h[..., half:]
     o1 = _trunc_bf16(_trunc_bf16(x1 * c) + _trunc_bf16(-x2 * s))
     o2 = _trunc_bf16(_trunc_bf16(x2 * c) + _trunc_bf16(x1 * s))
     return torch.cat([o1, o2], -1).to(x.dtype)
@@ -319,17 +325,178 @@ def test_rotary_write_kv_cache_bad_inputs(kwargs, exc, words):
         assert w in str(info.value)
 
 
+# ------------------------------------------------------------------ rotary_write_kv_cache with the q/k norm
+QWEN3_EPS = 1e-6
+
+
+def _qk_norm_inputs(tokens, nq, nkv, hd, dtype, device):
+    """q, k, v views of one fused projection output whose heads differ in scale by up to 10^5 (a norm across
+    heads instead of per head fails; in the 1e-3 heads eps matters), and distinct q and k norm weights."""
+    qkv, q, k, v = _qkv(tokens, nq, nkv, hd, dtype, device)
+    for x in (q, k):
+        scales = torch.tensor([1.0, 100.0, 1e-3, 3.0], device=device)[torch.arange(x.shape[1], device=device) % 4]
+        x.copy_((x.float() * scales[None, :, None]).to(dtype))
+    wq = (1 + 0.5 * torch.randn(hd, device=device)).to(dtype)
+    wk = (1 + 0.5 * torch.randn(hd, device=device)).to(dtype)
+    return qkv, q, k, v, wq, wk
+
+
+def _norm_rope_fp64(x, w, eps, positions, cache):
+    """Independent float64 expectation: `w * x / sqrt(mean(x^2) + eps)` per head, then the half-split rotation,
+    with no intermediate rounding."""
+    x = x.double()
+    y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    half = x.shape[-1] // 2
+    rows = cache[positions.long()].double()[:, None]
+    c, s = rows[..., :half], rows[..., half:]
+    y1, y2 = y[..., :half], y[..., half:]
+    return torch.cat([y1 * c - y2 * s, y2 * c + y1 * s], dim=-1)
+
+
+# (tokens, q heads, kv heads, head_dim): MHA, GQA 2 (Qwen3-0.6B's heads), GQA 6, GQA 3 with a padded tile.
+QK_NORM_SHAPES = [(3, 4, 4, 64), (5, 16, 8, 128), (2, 12, 2, 128), (4, 9, 3, 80)]
+
+
+@pytest.mark.parametrize("tokens, nq, nkv, hd", QK_NORM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_write_kv_cache_qk_norm(tokens, nq, nkv, hd, dtype, device):
+    cache = build_rope_cache(hd, MAX_POS, 1000000.0, device=device)
+    block_size, num_blocks = 4, tokens // 4 + 3
+    qkv, q, k, v, wq, wk = _qk_norm_inputs(tokens, nq, nkv, hd, dtype, device)
+    pos = torch.randint(0, MAX_POS, (tokens,), device=device)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:tokens]
+    slots[1::2] = -1  # padding tokens: normalized and rotated, but write nothing
+    kc, vc = _caches(num_blocks, block_size, nkv, hd, dtype, device, sliced=hd == 80)
+    q64, k64 = _norm_rope_fp64(q, wq, QWEN3_EPS, pos, cache), _norm_rope_fp64(k, wk, QWEN3_EPS, pos, cache)
+    eq, ek = _expected(q, pos, cache, wq, QWEN3_EPS), _expected(k, pos, cache, wk, QWEN3_EPS)
+    q2, k2, v2, kc2, vc2 = q.clone(), k.clone(), v.clone(), kc.clone(), vc.clone()
+    rotary_write_kv_cache_ref(q2, k2, v2, pos, cache, kc2, vc2, slots, wq, wk, QWEN3_EPS)  # layout, -1 skips
+    v0 = v.clone()
+    out = rotary_write_kv_cache(q, k, v, pos, cache, kc, vc, slots, q_norm_weight=wq, k_norm_weight=wk,
+                                norm_eps=QWEN3_EPS, validate=True)
+    assert out[0] is q and out[1] is k
+    # Against float64: the dtype's roundings (norm, weight, two products and a sum; truncating bf16 casts
+    # under the interpreter) stay within 3x the table's tolerance.
+    assert_close(q, q64, dtype, scale=3, name="q vs float64")
+    assert_close(k, k64, dtype, scale=3, name="k vs float64")
+    # Against the reference's formula (same casts; the sum of squares may round differently: an ulp of rstd,
+    # which can move a rounding by one ulp of the dtype).
+    assert_close(q, eq, dtype, name="q vs reference")
+    assert_close(k, ek, dtype, name="k vs reference")
+    if dtype != torch.float32:  # every cast is HF's: all but those rare elements are bit-exact
+        for name, got, want in (("q", q, eq), ("k", k, ek)):
+            differ = (got != want).sum().item()
+            assert differ <= 0.005 * got.numel(), f"{name}: {differ}/{got.numel()} elements not bit-exact"
+    assert torch.equal(v, v0), "v was modified"
+    # The cache holds exactly the normalized, rotated k (and v) at the live slots; every other slot stays NaN.
+    keep = slots >= 0
+    s = slots[keep]
+    assert torch.equal(kc.isnan(), kc2.isnan()) and torch.equal(vc.isnan(), vc2.isnan())
+    assert torch.equal(kc[s // block_size, s % block_size], k[keep])
+    assert torch.equal(vc[s // block_size, s % block_size], v[keep])
+    assert kc.isnan().sum() == (num_blocks * block_size - len(s)) * nkv * hd
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_reference_equals_hf_qwen3(dtype):
+    """The reference's norm + rotation is Hugging Face's Qwen3 attention prologue, bit for bit: q_norm / k_norm
+    (Qwen3RMSNorm in the dtype) on the projection's head view, then apply_rotary_pos_emb with Qwen3's cos/sin."""
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb
+
+    T, nq, nkv, hd = 6, 8, 2, 128
+    config = Qwen3Config(hidden_size=256, num_attention_heads=nq, num_key_value_heads=nkv, head_dim=hd,
+                         max_position_embeddings=4096, rope_parameters={"rope_type": "default",
+                                                                         "rope_theta": 1000000.0})
+    cache = build_rope_cache(hd, 4096, 1000000.0)
+    _, q, k, v, wq, wk = _qk_norm_inputs(T, nq, nkv, hd, dtype, "cpu")
+    pos = torch.randint(0, 4096, (T,))
+    norms = []
+    for w in (wq, wk):
+        n = Qwen3RMSNorm(hd, eps=QWEN3_EPS).to(dtype)
+        with torch.no_grad():
+            n.weight.copy_(w)
+        norms.append(n)
+    with torch.no_grad():
+        hq = norms[0](q.clone()).transpose(0, 1)[None]  # [1, H, T, D], as Qwen3Attention transposes
+        hk = norms[1](k.clone()).transpose(0, 1)[None]
+        cos, sin = Qwen3RotaryEmbedding(config)(q, pos[None])
+        hq, hk = apply_rotary_pos_emb(hq, hk, cos, sin)
+    kc = torch.full((4, 4, nkv, hd), float("nan"), dtype=dtype)
+    slots = torch.arange(T)
+    rotary_write_kv_cache_ref(q, k, v, pos, cache, kc, kc.clone(), slots, wq, wk, QWEN3_EPS)
+    assert torch.equal(q, hq[0].transpose(0, 1)) and torch.equal(k, hk[0].transpose(0, 1))
+    assert torch.equal(kc.view(-1, nkv, hd)[:T], k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_write_kv_cache_qk_norm_matches_hf(dtype, device):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    T, nq, nkv, hd = 4, 16, 8, 128
+    cache = build_rope_cache(hd, MAX_POS, 1000000.0, device=device)
+    _, q, k, v, wq, wk = _qk_norm_inputs(T, nq, nkv, hd, dtype, device)
+    pos = torch.tensor([0, 1, 1000, 2047], device=device)
+    with torch.no_grad():
+        hq, hk = [], []
+        for x, w, out in ((q, wq, hq), (k, wk, hk)):
+            n = Qwen3RMSNorm(hd, eps=QWEN3_EPS).to(device=device, dtype=dtype)
+            n.weight.copy_(w)
+            out.append(n(x.clone()))
+        rows = cache[pos]
+        cos = torch.cat([rows[:, : hd // 2]] * 2, -1).to(dtype)
+        sin = torch.cat([rows[:, hd // 2:]] * 2, -1).to(dtype)
+        hq, hk = apply_rotary_pos_emb(hq[0], hk[0], cos, sin, unsqueeze_dim=1)
+    kc, vc = _caches(2, 4, nkv, hd, dtype, device, False)
+    rotary_write_kv_cache(q, k, v, pos, cache, kc, vc, torch.tensor([4, 0, 7, 2], device=device),
+                          q_norm_weight=wq, k_norm_weight=wk, norm_eps=QWEN3_EPS)
+    assert_close(q, hq, dtype, name="q")
+    assert_close(k, hk, dtype, name="k")
+
+
+_W = torch.ones(64)
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(q_norm_weight=_W, norm_eps=1e-6), ValueError, ["k_norm_weight", "both or neither", "None"]),
+    (dict(k_norm_weight=_W, norm_eps=1e-6), ValueError, ["q_norm_weight", "both or neither", "None"]),
+    (dict(q_norm_weight=_W, k_norm_weight=_W), ValueError, ["norm_eps", "float > 0", "None"]),
+    (dict(norm_eps=1e-6), ValueError, ["norm_eps", "without q_norm_weight"]),
+    (dict(q_norm_weight=_W, k_norm_weight=_W, norm_eps=0.0), ValueError, ["norm_eps", "> 0", "0.0"]),
+    (dict(q_norm_weight=_W, k_norm_weight=_W, norm_eps="1e-6"), TypeError, ["norm_eps", "float", "str"]),
+    (dict(q_norm_weight=_W.half(), k_norm_weight=_W, norm_eps=1e-6), TypeError, ["q_norm_weight", "float16"]),
+    (dict(q_norm_weight=_W, k_norm_weight=torch.ones(128), norm_eps=1e-6), ValueError,
+     ["k_norm_weight", "head_dim", "64", "128"]),
+    (dict(q_norm_weight=torch.ones(2, 64), k_norm_weight=_W, norm_eps=1e-6), ValueError, ["q_norm_weight", "1 dims"]),
+    (dict(q_norm_weight=_W, k_norm_weight=torch.ones(128)[::2], norm_eps=1e-6), ValueError,
+     ["k_norm_weight", "contiguous"]),
+])
+def test_rotary_write_kv_cache_qk_norm_bad_inputs(kwargs, exc, words):
+    q, k = torch.randn(3, 2, 64), torch.randn(3, 1, 64)
+    kc = torch.full((4, 4, 1, 64), float("nan"))
+    q0, k0 = q.clone(), k.clone()
+    with pytest.raises(exc) as info:
+        rotary_write_kv_cache(q, k, torch.zeros(3, 1, 64), torch.zeros(3, dtype=torch.int64), _C, kc, kc.clone(),
+                              torch.tensor([0, -1, 1]), **kwargs)
+    for w in words:
+        assert w in str(info.value)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and kc.isnan().all(), "a refused call changed its inputs"
+
+
 # ------------------------------------------------------------------------------------------ torch.compile
-def test_compiles_fullgraph(device):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_compiles_fullgraph(qk_norm, device):
     T, nq, nkv, hd = 3, 4, 2, 64
     cache = build_rope_cache(hd, 64, device=device)
+    norm = dict(q_norm_weight=torch.rand(hd, device=device) + 0.5, k_norm_weight=torch.rand(hd, device=device) + 0.5,
+                norm_eps=1e-6) if qk_norm else {}
 
     def attn_prologue(x, pos, kc, vc, slots):
         qkv = x * 2
         q = qkv[:, : nq * hd].view(T, nq, hd)
         k = qkv[:, nq * hd: (nq + nkv) * hd].view(T, nkv, hd)
         v = qkv[:, (nq + nkv) * hd:].view(T, nkv, hd)
-        rotary_write_kv_cache(q, k, v, pos, cache, kc, vc, slots)
+        rotary_write_kv_cache(q, k, v, pos, cache, kc, vc, slots, **norm)
         q2, k2 = apply_rotary(q.clone(), k.clone(), pos, cache)
         return qkv + 1, q2, k2
 
@@ -347,17 +514,27 @@ def test_compiles_fullgraph(device):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_large_prefill_cuda(dtype, device):
+def test_large_prefill_cuda(dtype, qk_norm, device):
     tokens, nq, nkv, hd = 8192, 32, 8, 128
     cache = build_rope_cache(hd, 131072, 500000.0, LLAMA3, device=device)
-    _, q, k, v = _qkv(tokens, nq, nkv, hd, dtype, device)
+    if qk_norm:  # Qwen3-8B's attention prologue
+        _, q, k, v, wq, wk = _qk_norm_inputs(tokens, nq, nkv, hd, dtype, device)
+        norm = dict(q_norm_weight=wq, k_norm_weight=wk, norm_eps=QWEN3_EPS)
+    else:
+        _, q, k, v = _qkv(tokens, nq, nkv, hd, dtype, device)
+        norm, wq, wk = {}, None, None
     pos = torch.randint(0, 131072, (tokens,), device=device)
-    eq, ek = _expected(q, pos, cache), _expected(k, pos, cache)
+    eq, ek = _expected(q, pos, cache, wq, QWEN3_EPS), _expected(k, pos, cache, wk, QWEN3_EPS)
     kc, vc = _caches(tokens // 16 + 1, 16, nkv, hd, dtype, device, False)
     slots = torch.randperm(kc.shape[0] * 16, device=device)[:tokens]
-    rotary_write_kv_cache(q, k, v, pos, cache, kc, vc, slots)
-    _assert_rotated(q, eq, dtype, "q")
-    _assert_rotated(k, ek, dtype, "k")
+    rotary_write_kv_cache(q, k, v, pos, cache, kc, vc, slots, **norm)
+    if qk_norm:  # the sum of squares may round differently from torch's (an ulp of rstd)
+        assert_close(q, eq, dtype, name="q")
+        assert_close(k, ek, dtype, name="k")
+    else:
+        _assert_rotated(q, eq, dtype, "q")
+        _assert_rotated(k, ek, dtype, "k")
     assert torch.equal(kc[slots // 16, slots % 16], k) and torch.equal(vc[slots // 16, slots % 16], v)
     assert math.isfinite(q.float().abs().max().item())

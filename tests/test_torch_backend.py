@@ -89,7 +89,8 @@ def _qkv(T_, hq, hk, d, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("fused", [True, False])  # q and k adjacent in one buffer (rotated as one view) or not
-def test_rotary_write_kv_cache_equals_hf_and_the_reference(dtype, pad, fused):
+@pytest.mark.parametrize("qk_norm", [False, True])  # Qwen3's per-head q/k RMSNorm before the rotation
+def test_rotary_write_kv_cache_equals_hf_and_the_reference(dtype, pad, fused, qk_norm):
     hq, hk, d, bs, nblocks = 9, 3, 64, 4, 6
     rope = build_rope_cache(d, 64, 100000.0)
     qkv, q, k, v = _qkv(5, hq, hk, d, dtype)
@@ -111,15 +112,27 @@ def test_rotary_write_kv_cache_equals_hf_and_the_reference(dtype, pad, fused):
     rows = rope[positions]
     cos = torch.cat([rows[:, :half], rows[:, :half]], dim=-1).to(dtype)
     sin = torch.cat([rows[:, half:], rows[:, half:]], dim=-1).to(dtype)
-    q_hf, k_hf = apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin, unsqueeze_dim=1)
+    norm = {}
+    q_in, k_in = q.clone(), k.clone()
+    if qk_norm:  # Qwen3Attention: q_norm / k_norm (Qwen3RMSNorm, in the dtype) on each head, then the rotation
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+        norm = dict(q_norm_weight=(1 + 0.3 * torch.randn(d)).to(dtype),
+                    k_norm_weight=(1 + 0.3 * torch.randn(d)).to(dtype), norm_eps=1e-6)
+        with torch.no_grad():
+            for name, x in (("q_norm_weight", q_in), ("k_norm_weight", k_in)):
+                n = Qwen3RMSNorm(d, eps=1e-6).to(dtype)
+                n.weight.copy_(norm[name])
+                x.copy_(n(x))
+    q_hf, k_hf = apply_rotary_pos_emb(q_in, k_in, cos, sin, unsqueeze_dim=1)
     v_hf = v.clone()
     caches = [torch.full((nblocks, bs, hk, d), float("nan")).to(dtype) for _ in range(6)]
     for t, slot in enumerate(slots.tolist()):  # the cache written token by token
         if slot >= 0:
             caches[4][slot // bs, slot % bs] = k_hf[t]
             caches[5][slot // bs, slot % bs] = v_hf[t]
-    T.rotary_write_kv_cache(q, k, v, positions, rope, caches[0], caches[1], slots, validate=True)
-    R.rotary_write_kv_cache_ref(q2, k2, v2, positions, rope, caches[2], caches[3], slots)
+    T.rotary_write_kv_cache(q, k, v, positions, rope, caches[0], caches[1], slots, validate=True, **norm)
+    R.rotary_write_kv_cache_ref(q2, k2, v2, positions, rope, caches[2], caches[3], slots, **norm)
     _same(q, q_hf)
     _same(k, k_hf)
     _same(v, v_hf)

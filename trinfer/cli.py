@@ -1,6 +1,6 @@
 """Command line: `trinfer <command> ...` (also `python -m trinfer`).
 
-    trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat] [--stream] [--stop S]
+    trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat [--no-thinking]] [--stream] [--stop S]
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
                      [--device cpu|cuda] [--no-cuda-graphs] [--quantize int8|int4] [--batch-invariant]
     trinfer serve [--model PATH] [--host 127.0.0.1] [--port 8000] [engine options] [--max-num-seqs N] ...
@@ -68,6 +68,9 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", help="the prompt text ('-' reads it from stdin)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="most tokens to generate (256)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template (prompt as a user message)")
+    p.add_argument("--no-thinking", action="store_true",
+                   help="with --chat: render the template with enable_thinking=false (Qwen3 answers without "
+                        "reasoning first); templates without that switch ignore it")
     p.add_argument("--stream", action="store_true", help="print the text as it is decoded")
     p.add_argument("--stop", action="append", default=None, metavar="S",
                    help="stop when the text contains S (repeatable); S is not printed")
@@ -79,6 +82,8 @@ def _add_generate(sub) -> None:
 def _run_generate(args) -> int:
     from trinfer.runtime import LLM, SamplingParams
 
+    if args.no_thinking and not args.chat:
+        raise ValueError("--no-thinking: it sets a variable of the chat template; add --chat")
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     engine_kwargs = _engine_kwargs(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
@@ -89,7 +94,9 @@ def _run_generate(args) -> int:
             sys.stdout.write(out.delta_text)
             sys.stdout.flush()
 
-    out = llm.generate(prompt, chat=args.chat, sampling_params=params, on_output=stream if args.stream else None)[0]
+    template_kwargs = {"enable_thinking": False} if args.no_thinking else None
+    out = llm.generate(prompt, chat=args.chat, chat_template_kwargs=template_kwargs, sampling_params=params,
+                       on_output=stream if args.stream else None)[0]
     if not args.stream:
         sys.stdout.write(out.text)
     sys.stdout.write("\n")

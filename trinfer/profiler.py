@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="Hugging Face model directory or .gguf file")
     src.add_argument("--shape", default=None,
-                     help="random weights of a named shape (SmolLM2-135M, Llama-3.2-1B, Llama-3-8B, tiny); "
+                     help="random weights of a named shape (SmolLM2-135M, Llama-3.2-1B, Llama-3-8B, Qwen3-0.6B, "
+                          "Qwen3-8B, tiny, tiny-qwen3); "
                           "default: the default model (SmolLM2-135M-Instruct), or where it is not installed "
                           "random Llama-3.2-1B weights on a GPU and 'tiny' on a CPU")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (1)")

@@ -25,7 +25,16 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
 }
+# Architectures often mistaken for a supported one, refused with the reason.
+REFUSED_ARCHITECTURES = {
+    "Qwen3MoeForCausalLM": "Qwen3-MoE is a mixture-of-experts model, which trinfer does not run (dense Qwen3 "
+                           "models, Qwen3ForCausalLM, it does)",
+    "Qwen2MoeForCausalLM": "Qwen2-MoE is a mixture-of-experts model, which trinfer does not run",
+}
+# Architectures with the same sliding-window switch (use_sliding_window, on layers from max_window_layers on).
+_QWEN_WINDOW_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -46,6 +55,8 @@ class ModelConfig:
     "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
     eos_token_ids are all the ids that end generation (generation_config first, then config).
     checkpoint_dtype is the dtype the weights are stored in (float32 for a dequantized GGUF).
+    qkv_bias: q/k/v projections with biases (Qwen2). qk_norm: an RMSNorm over each query and key head (weights of
+    size head_dim, eps rms_norm_eps) before the rotary embedding (Qwen3).
     """
 
     architecture: str
@@ -66,6 +77,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     checkpoint_dtype: torch.dtype
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -93,7 +105,7 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: expected a positive finite float, got {value!r}")
         _check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
-        for name in ("tie_word_embeddings", "qkv_bias"):
+        for name in ("tie_word_embeddings", "qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.bos_token_id is not None and not _is_token_id(self.bos_token_id, self.vocab_size):
@@ -187,6 +199,7 @@ class ModelConfig:
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
             checkpoint_dtype=_dtype(config, src),
+            qk_norm=architecture == "Qwen3ForCausalLM",
         )
 
 
@@ -236,6 +249,10 @@ def _architecture(config: Mapping[str, Any], source: str) -> str:
         architectures = [architectures]
     architectures = get_list({"architectures": architectures}, "architectures", source=source,
                              item=lambda v: isinstance(v, str), item_name="strings")
+    refused = [a for a in architectures if a in REFUSED_ARCHITECTURES]
+    if refused:
+        raise ModelFileError(source, "architectures",
+                             f"{refused[0]!r} is not supported: {REFUSED_ARCHITECTURES[refused[0]]}")
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise ModelFileError(source, "architectures", f"{short_repr(architectures)} is not supported; supported: "
                              f"{sorted(SUPPORTED_ARCHITECTURES)}")
@@ -278,8 +295,8 @@ def _refuse_sliding_window(config: Mapping[str, Any], architecture: str, source:
     max_positions = _size(config, "max_position_embeddings", source)
     layer_types = get_list(config, "layer_types", source=source, default=[], item=lambda v: isinstance(v, str),
                            item_name="strings")
-    if architecture == "Qwen2ForCausalLM":
-        # Qwen2 slides only with use_sliding_window (on layers from max_window_layers on).
+    if architecture in _QWEN_WINDOW_ARCHITECTURES:
+        # Qwen2/Qwen3 slide only with use_sliding_window (on layers from max_window_layers on).
         uses_window = get_bool(config, "use_sliding_window", source=source, default=False) \
             or "sliding_attention" in layer_types
     else:

@@ -100,6 +100,29 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return backend
 
 
+# Chat-template variables the engine sets itself; a request's chat_template_kwargs may not name them.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def _chat_template_kwargs(kwargs: Any, chat: bool) -> dict[str, Any]:
+    """A request's extra chat-template variables, checked: a dict of names, none reserved; {} for None."""
+    if kwargs is None:
+        return {}
+    if not chat:
+        raise ValueError("chat_template_kwargs: given without chat=True (they are variables of the chat template, "
+                         "which only chat requests render)")
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"chat_template_kwargs: expected a dict of template variables, e.g. "
+                        f"{{'enable_thinking': False}}, got {type(kwargs).__name__}")
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"chat_template_kwargs: expected variable names (identifiers) as keys, got {key!r}")
+        if key in RESERVED_TEMPLATE_VARIABLES:
+            raise ValueError(f"chat_template_kwargs: {key!r} is set by the engine itself (reserved: "
+                             f"{', '.join(RESERVED_TEMPLATE_VARIABLES)})")
+    return dict(kwargs)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestTimings:
     """Seconds, from `time.perf_counter()`. `token_latencies[i]` is the wait for output token i: the time
@@ -304,11 +327,14 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
-                    chat: bool = False, request_id: Any = None, **param_kwargs) -> Any:
+                    chat: bool = False, chat_template_kwargs: dict[str, Any] | None = None, request_id: Any = None,
+                    **param_kwargs) -> Any:
         """Queue a request; returns its id. `prompt` is text, token ids, or (chat=True) text or a list of
-        {"role", "content"} messages to which the model's chat template is applied. Sampling parameters come
-        as `params` or as keywords (max_new_tokens=, stop=, ignore_eos=)."""
-        return self._enqueue(self._new_sequence(prompt, params, chat=chat, request_id=request_id, **param_kwargs))
+        {"role", "content"} messages to which the model's chat template is applied; `chat_template_kwargs` are
+        extra variables of that template (e.g. {"enable_thinking": False} for Qwen3, {"tools": [...]}). Sampling
+        parameters come as `params` or as keywords (max_new_tokens=, stop=, ignore_eos=)."""
+        return self._enqueue(self._new_sequence(prompt, params, chat=chat, chat_template_kwargs=chat_template_kwargs,
+                                                request_id=request_id, **param_kwargs))
 
     def _enqueue(self, seq: Sequence) -> Any:
         if seq.request_id in self._requests:
@@ -317,7 +343,8 @@ class Engine:
         self.scheduler.add(seq)
         return seq.request_id
 
-    def _new_sequence(self, prompt, params, *, chat=False, request_id=None, **param_kwargs) -> Sequence:
+    def _new_sequence(self, prompt, params, *, chat=False, chat_template_kwargs=None, request_id=None,
+                      **param_kwargs) -> Sequence:
         """Validate a request and build its Sequence without touching the engine's state."""
         if params is None:
             params = SamplingParams(**param_kwargs)
@@ -331,6 +358,7 @@ class Engine:
         if params.stop and tok is None:
             raise ValueError("stop: stop strings need a tokenizer, and this model has none")
         text = None
+        template_kwargs = _chat_template_kwargs(chat_template_kwargs, chat)
         if chat:
             if tok is None:
                 raise ValueError("chat: the model has no tokenizer, hence no chat template")
@@ -342,7 +370,7 @@ class Engine:
                 messages = prompt
             else:
                 raise TypeError("prompt: with chat=True expected a str or a non-empty list of message dicts")
-            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
             ids = self._encode_bounded(text, "rendered by the chat template, ", special=False)
         elif isinstance(prompt, str):
             if not prompt:
@@ -351,6 +379,9 @@ class Engine:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
             text = validate_text(prompt, "prompt")
             ids = self._encode_bounded(prompt, "", special=True)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            raise TypeError("prompt: a list of message dicts is a conversation; pass chat=True to apply the chat "
+                            "template")
         elif isinstance(prompt, (list, tuple, torch.Tensor, np.ndarray)):
             if isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim != 1:
                 raise ValueError(f"prompt: token ids must be 1-D, got shape {tuple(prompt.shape)}")

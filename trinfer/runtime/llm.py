@@ -37,15 +37,21 @@ class LLM:
     def config(self):
         return self.engine.config
 
-    def generate(self, prompts: str | list[str] | list[int] | list[list[int]], max_new_tokens: int = 256, *,
+    def generate(self, prompts: str | list[str] | list[int] | list[list[int]] | list[dict] | list[list[dict]],
+                 max_new_tokens: int = 256, *,
                  stop: str | list[str] | None = None, chat: bool = False, ignore_eos: bool = False,
+                 chat_template_kwargs: dict[str, Any] | None = None,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Generate for each prompt; returns the final outputs in the order of the prompts.
 
         prompts: a str, a list of str, token ids (a list or tuple of ints or numpy integers, a 1-D numpy array
-            or tensor: the types `Engine.add_request` takes), or a list of those (or a 2-D array, one per row).
-        chat: apply the model's chat template to each (text) prompt, as a single user message.
+            or tensor: the types `Engine.add_request` takes), or a list of those (or a 2-D array, one per row); with
+            chat=True also one conversation (a list of {"role", "content"} dicts) or a list of them.
+        chat: apply the model's chat template to each (text) prompt, as a single user message (or to each list of
+            {"role", "content"} messages).
+        chat_template_kwargs: extra variables of the chat template for every prompt, e.g. {"enable_thinking":
+            False} (Qwen3 answers without a <think> block); only with chat=True.
         sampling_params: one for all prompts or one per prompt, instead of max_new_tokens/stop/ignore_eos.
         on_output: called with every intermediate output (e.g. to stream `delta_text`).
         Every prompt is validated before any runs: one bad prompt raises and nothing is generated.
@@ -57,9 +63,9 @@ class LLM:
         if isinstance(prompts, (torch.Tensor, np.ndarray)):  # one prompt of ids, or one per row
             prompts = [prompts] if prompts.ndim == 1 else list(prompts)
         elif isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                          and isinstance(prompts[0], (int, np.integer))
+                                          and isinstance(prompts[0], (int, np.integer, dict))
                                           and not isinstance(prompts[0], bool)):
-            prompts = [prompts]
+            prompts = [prompts]  # one prompt: text, token ids, or (chat) one conversation of message dicts
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts: expected a str, a list of str, token ids (ints, numpy integers, a 1-D array "
                              f"or tensor) or a list of those; got {type(prompts).__name__}")
@@ -69,7 +75,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: expected {len(prompts)} (one per prompt), got {len(params)}")
         eng = self.engine
-        seqs = [eng._new_sequence(p, sp, chat=chat) for p, sp in zip(prompts, params)]
+        seqs = [eng._new_sequence(p, sp, chat=chat, chat_template_kwargs=chat_template_kwargs)
+                for p, sp in zip(prompts, params)]
         ids = [eng._enqueue(seq) for seq in seqs]  # all valid: queue them, in order
         own = {id(seq) for seq in seqs}
         final: dict[Any, RequestOutput] = {}

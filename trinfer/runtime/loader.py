@@ -5,7 +5,7 @@
 
 Sources: a Hugging Face directory (config.json, model.safetensors or shards listed in
 model.safetensors.index.json, tokenizer.json, tokenizer_config.json, generation_config.json), or a .gguf
-file of the `llama` architecture (or a directory holding exactly one). Only safetensors and GGUF are read:
+file of the `llama` or `qwen3` architecture (or a directory holding exactly one). Only safetensors and GGUF are read:
 never pickle, never remote code.
 
 Canonical weights (V vocab, H hidden, I intermediate, nq/nkv heads, hd head_dim):
@@ -13,6 +13,7 @@ Canonical weights (V vocab, H hidden, I intermediate, nq/nkv heads, hd head_dim)
     layers.{i}.input_norm [H]           layers.{i}.post_attn_norm [H]
     layers.{i}.qkv_proj [(nq+2*nkv)*hd, H]   rows q, then k, then v
     layers.{i}.qkv_bias [(nq+2*nkv)*hd]      only when config.qkv_bias
+    layers.{i}.q_norm [hd]  layers.{i}.k_norm [hd]   only when config.qk_norm (per-head RMSNorm weights)
     layers.{i}.o_proj [H, nq*hd]
     layers.{i}.gate_up_proj [2*I, H]         rows gate, then up
     layers.{i}.down_proj [H, I]
@@ -151,6 +152,8 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "qkv_proj"] = (qkv, h)
         if config.qkv_bias:
             shapes[p + "qkv_bias"] = (qkv,)
+        if config.qk_norm:
+            shapes[p + "q_norm"] = shapes[p + "k_norm"] = (config.head_dim,)
         shapes[p + "o_proj"] = (h, config.q_size)
         shapes[p + "post_attn_norm"] = (h,)
         shapes[p + "gate_up_proj"] = (2 * i, h)
@@ -279,6 +282,8 @@ _HF_LAYER_NAMES = {
     "self_attn.q_proj.bias": ("qkv_bias", "q"),
     "self_attn.k_proj.bias": ("qkv_bias", "k"),
     "self_attn.v_proj.bias": ("qkv_bias", "v"),
+    "self_attn.q_norm.weight": ("q_norm", None),
+    "self_attn.k_norm.weight": ("k_norm", None),
     "self_attn.o_proj.weight": ("o_proj", None),
     "mlp.gate_proj.weight": ("gate_up_proj", "gate"),
     "mlp.up_proj.weight": ("gate_up_proj", "up"),

@@ -1,4 +1,5 @@
-"""Load a GGUF file of the `llama` architecture (SmolLM2, TinyLlama, Llama 2/3, Mistral as llama.cpp writes them).
+"""Load a GGUF file of the `llama` architecture (SmolLM2, TinyLlama, Llama 2/3, Mistral as llama.cpp writes them)
+or of the `qwen3` architecture (dense Qwen3: q/k norm weights `attn_q_norm` / `attn_k_norm`).
 
 The file is parsed here (the GGUF v2/v3 layout: header, metadata, tensor directory, aligned data), so the
 `gguf` package is not needed at run time; tests check this reader against it. Tensors are dequantized by
@@ -7,7 +8,8 @@ then brought to Hugging Face's layout:
 - GGUF lists dims innermost first: a [ne0=H, ne1=V] tensor is the [V, H] matrix Hugging Face stores.
 - llama.cpp's converter reorders the rows of q_proj and k_proj within each head, from rotate_half's
   [first halves | second halves] to interleaved pairs, for its RoPE. `unpermute_rows` undoes it (nq heads
-  for q, nkv heads for k), so the model applies the same half-split RoPE as for safetensors.
+  for q, nkv heads for k), so the model applies the same half-split RoPE as for safetensors. Only `llama`
+  files are permuted: llama.cpp runs `qwen3` with the half-split ("NeoX") RoPE and stores q/k as they are.
 - Llama-3.1-style rope scaling travels as a `rope_freqs.weight` tensor of per-frequency factors; it is
   matched against the llama3 formula to recover Hugging Face's rope_scaling dict, and refused otherwise.
 """
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import MAX_SIZE, ModelConfig
+from .config import MAX_SIZE, SUPPORTED_ARCHITECTURES, ModelConfig
 from .fields import ModelFileError, get_int, get_list, get_number, get_str, short_repr
 from .loader import LoadedModel, WeightAssembler, _progress, _with_tokenizer_eos, check_layer_count
 from .quantization import GGUF_TYPE_FORMATS, QuantizedWeight, gguf_weight
@@ -42,6 +44,10 @@ GGML_TYPES = {
     30: ("BF16", 1, 2),
 }
 
+# general.architecture -> the Hugging Face architecture it loads as.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+REFUSED_GGUF_ARCHITECTURES = {"qwen3moe": "Qwen3-MoE: mixture of experts", "qwen2moe": "Qwen2-MoE: mixture of experts"}
+
 _LAYER = re.compile(r"blk\.(\d{1,9})\.(.+)")  # at most 9 digits: int() stays cheap
 _LAYER_NAMES = {
     "attn_norm.weight": ("input_norm", None),
@@ -49,6 +55,8 @@ _LAYER_NAMES = {
     "attn_q.weight": ("qkv_proj", "q"),
     "attn_k.weight": ("qkv_proj", "k"),
     "attn_v.weight": ("qkv_proj", "v"),
+    "attn_q_norm.weight": ("q_norm", None),
+    "attn_k_norm.weight": ("k_norm", None),
     "attn_output.weight": ("o_proj", None),
     "ffn_gate.weight": ("gate_up_proj", "gate"),
     "ffn_up.weight": ("gate_up_proj", "up"),
@@ -385,50 +393,53 @@ def _rope_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int) -
 
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
-    """ModelConfig from `llama.*` metadata (and the tensors' presence: output.weight, rope_freqs.weight).
+    """ModelConfig from `ARCH.*` metadata (ARCH: `llama` or `qwen3`) and the tensors' presence (output.weight,
+    rope_freqs.weight).
 
     Every key is read with its type checked: a ModelFileError names the file, the key, what was expected
     and what was found. The layer count is checked against the blk.N tensors present (`check_layer_count`).
     """
     meta, tensors, src = gguf.metadata, gguf.tensors, gguf.path
     arch = get_str(meta, "general.architecture", source=src, default=None)
-    if arch != "llama":
-        raise ModelFileError(src, "general.architecture", f"architecture {arch!r} is not supported; only 'llama' "
-                             "GGUF files can be loaded")
-    experts = meta.get("llama.expert_count")
-    if experts is not None and get_int(meta, "llama.expert_count", source=src, minimum=0):
-        raise ModelFileError(src, "llama.expert_count", f"{experts}: mixture-of-experts is not supported")
-    hidden = _meta_int(meta, "llama.embedding_length", src)
-    heads = _meta_int(meta, "llama.attention.head_count", src)
-    kv_heads = _meta_int(meta, "llama.attention.head_count_kv", src, heads)
-    if hidden % heads != 0 and "llama.attention.key_length" not in meta:
-        raise ModelFileError(src, "llama.attention.head_count", f"embedding_length {hidden} is not a multiple of "
+    if arch not in GGUF_ARCHITECTURES:
+        why = f" ({REFUSED_GGUF_ARCHITECTURES[arch]})" if arch in REFUSED_GGUF_ARCHITECTURES else ""
+        raise ModelFileError(src, "general.architecture", f"architecture {short_repr(arch)} is not supported{why}; "
+                             f"supported: {', '.join(map(repr, GGUF_ARCHITECTURES))}")
+    a = arch + "."  # the prefix of the model's metadata keys
+    experts = meta.get(a + "expert_count")
+    if experts is not None and get_int(meta, a + "expert_count", source=src, minimum=0):
+        raise ModelFileError(src, a + "expert_count", f"{experts}: mixture-of-experts is not supported")
+    hidden = _meta_int(meta, a + "embedding_length", src)
+    heads = _meta_int(meta, a + "attention.head_count", src)
+    kv_heads = _meta_int(meta, a + "attention.head_count_kv", src, heads)
+    if hidden % heads != 0 and a + "attention.key_length" not in meta:
+        raise ModelFileError(src, a + "attention.head_count", f"embedding_length {hidden} is not a multiple of "
                              f"head_count {heads}")
-    head_dim = _meta_int(meta, "llama.attention.key_length", src, hidden // heads)
-    value_dim = _meta_int(meta, "llama.attention.value_length", src, head_dim)
+    head_dim = _meta_int(meta, a + "attention.key_length", src, hidden // heads)
+    value_dim = _meta_int(meta, a + "attention.value_length", src, head_dim)
     if value_dim != head_dim:
-        raise ModelFileError(src, "llama.attention.value_length", f"{value_dim} != key_length {head_dim}: "
+        raise ModelFileError(src, a + "attention.value_length", f"{value_dim} != key_length {head_dim}: "
                              "not supported")
-    rot = _meta_int(meta, "llama.rope.dimension_count", src, head_dim)
+    rot = _meta_int(meta, a + "rope.dimension_count", src, head_dim)
     if rot != head_dim:
-        raise ModelFileError(src, "llama.rope.dimension_count", f"{rot} < head_dim {head_dim}: partial rotary is "
+        raise ModelFileError(src, a + "rope.dimension_count", f"{rot} < head_dim {head_dim}: partial rotary is "
                              "not supported")
-    theta = get_number(meta, "llama.rope.freq_base", source=src, default=10000.0, positive=True)
+    theta = get_number(meta, a + "rope.freq_base", source=src, default=10000.0, positive=True)
     tokens = get_list(meta, "tokenizer.ggml.tokens", source=src, default=None)
-    vocab = _meta_int(meta, "llama.vocab_size", src, len(tokens) if tokens else None)
+    vocab = _meta_int(meta, a + "vocab_size", src, len(tokens) if tokens else None)
 
     scaling = None
-    kind = get_str(meta, "llama.rope.scaling.type", source=src, default="none")
+    kind = get_str(meta, a + "rope.scaling.type", source=src, default="none")
     if kind == "linear":
-        if "llama.rope.scaling.factor" not in meta:
-            raise ModelFileError(src, "llama.rope.scaling.factor", "llama.rope.scaling.type 'linear' needs it")
+        if a + "rope.scaling.factor" not in meta:
+            raise ModelFileError(src, a + "rope.scaling.factor", f"{a}rope.scaling.type 'linear' needs it")
         scaling = {"rope_type": "linear",
-                   "factor": get_number(meta, "llama.rope.scaling.factor", source=src, positive=True)}
-    elif "llama.rope.scale_linear" in meta:  # older files
+                   "factor": get_number(meta, a + "rope.scaling.factor", source=src, positive=True)}
+    elif a + "rope.scale_linear" in meta:  # older files
         scaling = {"rope_type": "linear",
-                   "factor": get_number(meta, "llama.rope.scale_linear", source=src, positive=True)}
+                   "factor": get_number(meta, a + "rope.scale_linear", source=src, positive=True)}
     elif kind != "none":
-        raise ModelFileError(src, None, f"llama.rope.scaling.type {short_repr(kind)} is not supported; supported: "
+        raise ModelFileError(src, None, f"{a}rope.scaling.type {short_repr(kind)} is not supported; supported: "
                              "none, linear")
     if "rope_freqs.weight" in tensors:
         if scaling is not None:
@@ -451,28 +462,29 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
             eos.append(token_id)
     bos = get_int(meta, "tokenizer.ggml.bos_token_id", source=src, default=None, minimum=0, maximum=vocab - 1)
     config = ModelConfig(
-        architecture="LlamaForCausalLM",
-        model_type="llama",
+        architecture=GGUF_ARCHITECTURES[arch],
+        model_type=SUPPORTED_ARCHITECTURES[GGUF_ARCHITECTURES[arch]],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=_meta_int(meta, "llama.feed_forward_length", src),
-        num_layers=_meta_int(meta, "llama.block_count", src),
+        intermediate_size=_meta_int(meta, a + "feed_forward_length", src),
+        num_layers=_meta_int(meta, a + "block_count", src),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=get_number(meta, "llama.attention.layer_norm_rms_epsilon", source=src, default=1e-5,
+        rms_norm_eps=get_number(meta, a + "attention.layer_norm_rms_epsilon", source=src, default=1e-5,
                                 positive=True),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=_meta_int(meta, "llama.context_length", src),
+        max_position_embeddings=_meta_int(meta, a + "context_length", src),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias=False,
+        qk_norm=arch == "qwen3",
         bos_token_id=bos,
         eos_token_ids=tuple(eos),
         checkpoint_dtype=torch.float32,
     )
     layers = {int(m.group(1)) for m in map(_LAYER.fullmatch, tensors) if m is not None}
-    check_layer_count(config, layers, source=src, key="llama.block_count")
+    check_layer_count(config, layers, source=src, key=a + "block_count")
     return config
 
 
@@ -486,8 +498,8 @@ def gguf_canonical_name(name: str, config: ModelConfig, source: str = "GGUF") ->
     if match is not None and int(match.group(1)) < config.num_layers and match.group(2) in _LAYER_NAMES:
         canon, part = _LAYER_NAMES[match.group(2)]
         return f"layers.{match.group(1)}.{canon}", part
-    raise ModelFileError(source, None, f"unexpected tensor {short_repr(name)} (not part of a llama model with "
-                         f"{config.num_layers} layers)")
+    raise ModelFileError(source, None, f"unexpected tensor {short_repr(name)} (not part of a {config.model_type} "
+                         f"model with {config.num_layers} layers)")
 
 
 def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
@@ -500,14 +512,16 @@ def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
 
 def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool = True,
               keep_quantized: bool = False) -> LoadedModel:
-    """Config, canonical weights and tokenizer of a llama GGUF file (see load_model_files). keep_quantized: the
-    matrices stored as Q8_0/Q4_0/Q4_1 stay in their blocks (`quantization.gguf_weight`), else are decoded."""
+    """Config, canonical weights and tokenizer of a llama or qwen3 GGUF file (see load_model_files).
+    keep_quantized: the matrices stored as Q8_0/Q4_0/Q4_1 stay in their blocks (`quantization.gguf_weight`), else
+    are decoded."""
     gguf = read_gguf(path)
     try:
         config = gguf_config(gguf)
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, eos_token_ids=config.eos_token_ids, source=path)
         config = _with_tokenizer_eos(config, tokenizer)
         assembler = WeightAssembler(config, device=device, dtype=dtype, checkpoint=path)
+        permuted = config.architecture == "LlamaForCausalLM"  # llama.cpp's q/k row order (see the docstring)
         with _progress(len(gguf.tensors), f"loading {os.path.basename(path)}", progress) as bar:
             for t in gguf.tensors.values():
                 target = gguf_canonical_name(t.name, config, path)
@@ -518,7 +532,7 @@ def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: 
                         weight = gguf_weight(gguf.raw(t).to(device, copy=True), t.type_name, t.shape)  # off the map
                     else:
                         weight = dequantize(gguf.raw(t).to(device), t.ggml_type, t.shape)
-                    if target[1] in ("q", "k"):
+                    if permuted and target[1] in ("q", "k"):
                         heads = config.num_heads if target[1] == "q" else config.num_kv_heads
                         weight = (weight.rows(unpermute_rows(torch.arange(weight.shape[0]), heads))
                                   if isinstance(weight, QuantizedWeight) else unpermute_rows(weight, heads))

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3/3.x, Qwen2, Mistral, SmolLM2, TinyLlama), readable top to bottom.
+"""The Llama-family decoder (Llama 2/3/3.x, Qwen2, Qwen3, Mistral, SmolLM2, TinyLlama), readable top to bottom.
 
 Matrix products run on fused weights (one q/k/v matrix, plus bias for Qwen2, and one gate/up matrix per layer)
 through the backend's `linear`: torch's matmul, or, in decode steps, the batch-invariant Triton `linear` kernel
@@ -15,6 +15,7 @@ the paged cache and returns the final hidden state of each sequence's last token
 
 Per layer:  h -> norm -> qkv -> rotary(q, k) + write k, v to cache -> paged attention -> o_proj
             -> (+ residual, norm) -> gate_up -> silu(gate) * up -> down -> (+ residual)
+Qwen3 also RMS-normalizes each q and k head before the rotation (q_norm / k_norm), in the same fused kernel.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class Backend:
     name: str
     rms_norm: Callable
     fused_add_rms_norm: Callable
-    rotary_write_kv_cache: Callable  # rotate q, k in place and store k, v at their cache slots
+    rotary_write_kv_cache: Callable  # (per-head q/k norm,) rotate q, k in place, store k, v at their cache slots
     silu_and_mul: Callable
     paged_prefill_attention: Callable
     paged_decode_attention: Callable
@@ -223,6 +224,10 @@ class DecoderLayer(nn.Module):
         self.register_buffer("input_norm", _weight(weights, p + "input_norm", (c.hidden_size,)))
         mat("qkv_proj", (qkv_rows, c.hidden_size))
         self.register_buffer("qkv_bias", _weight(weights, p + "qkv_bias", (qkv_rows,)) if c.qkv_bias else None)
+        # Qwen3: per-head RMSNorm weights of q and k, applied by the rotary kernel before it rotates.
+        self.register_buffer("q_norm", _weight(weights, p + "q_norm", (c.head_dim,)) if c.qk_norm else None)
+        self.register_buffer("k_norm", _weight(weights, p + "k_norm", (c.head_dim,)) if c.qk_norm else None)
+        self.qk_norm_eps = c.rms_norm_eps if c.qk_norm else None
         mat("o_proj", (c.hidden_size, self.q_size))
         self.register_buffer("post_attn_norm", _weight(weights, p + "post_attn_norm", (c.hidden_size,)))
         mat("gate_up_proj", (2 * c.intermediate_size, c.hidden_size))
@@ -251,8 +256,10 @@ class DecoderLayer(nn.Module):
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        # Rotate q and k in place and store this step's K/V; attention then reads all K/V from the cache.
+        # (Normalize each q/k head,) rotate q and k in place and store this step's K/V; attention then reads
+        # all K/V from the cache.
         ops.rotary_write_kv_cache(q, k, v, meta.positions, rope, k_cache, v_cache, meta.slot_mapping,
+                                  q_norm_weight=self.q_norm, k_norm_weight=self.k_norm, norm_eps=self.qk_norm_eps,
                                   validate=validate)
         if meta.is_prefill:
             o = ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,

@@ -25,6 +25,10 @@ from .loader import LoadedModel, expected_weight_shapes
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
           "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16"}
+_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+          "attention_bias": False, "torch_dtype": "bfloat16", "use_sliding_window": False, "sliding_window": None,
+          "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960,
+          "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645}
 
 # config.json fields of the published checkpoints (Hugging Face hub), as read by ModelConfig.from_hf.
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
@@ -42,11 +46,23 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
                    "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
                    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001},
+    # Qwen3 (q/k norm); the 0.6B's head_dim 128 is twice hidden / heads.
+    "Qwen3-0.6B": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_window_layers": 28,
+                   "tie_word_embeddings": True},
+    "Qwen3-8B": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_window_layers": 36,
+                 "tie_word_embeddings": False},
     # A toy of the same family for CPU smoke runs and tests.
     "tiny": {**_LLAMA, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000,
              "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
              "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
+    # And one of Qwen3's: q/k norm, head_dim 128 twice hidden / heads (the e2e benchmark's CPU check of that path).
+    "tiny-qwen3": {**_QWEN3, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 1000,
+                   "max_position_embeddings": 2048, "max_window_layers": 2, "tie_word_embeddings": False,
+                   "bos_token_id": 1, "eos_token_id": 2},
 }
 
 
@@ -108,7 +124,7 @@ def random_model(shape: str | Mapping[str, Any] | ModelConfig, *, device: str | 
 
 
 def hf_state_dict(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The canonical weights under Hugging Face Llama names; fused q/k/v and gate/up are split into row views
+    """The canonical weights under Hugging Face Llama/Qwen names; fused q/k/v and gate/up are split into row views
     (no copy), so a transformers model loaded with `load_state_dict(..., assign=True)` shares the storage."""
     q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
     sd = {"model.embed_tokens.weight": weights["embed_tokens"], "model.norm.weight": weights["norm"],
@@ -123,6 +139,9 @@ def hf_state_dict(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> d
             b = weights[p + "qkv_bias"]
             sd[h + "self_attn.q_proj.bias"], sd[h + "self_attn.k_proj.bias"] = b[:q], b[q:q + kv]
             sd[h + "self_attn.v_proj.bias"] = b[q + kv:]
+        if config.qk_norm:
+            sd[h + "self_attn.q_norm.weight"] = weights[p + "q_norm"]
+            sd[h + "self_attn.k_norm.weight"] = weights[p + "k_norm"]
         sd[h + "self_attn.o_proj.weight"] = weights[p + "o_proj"]
         sd[h + "mlp.gate_proj.weight"] = gu[:inter]
         sd[h + "mlp.up_proj.weight"] = gu[inter:]
@@ -133,7 +152,8 @@ def hf_state_dict(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> d
 
 
 def hf_model(loaded: LoadedModel, raw_config: Mapping[str, Any], *, attn_implementation: str = "sdpa"):
-    """A transformers LlamaForCausalLM on the same device, in the same dtype, sharing `loaded`'s weights."""
+    """A transformers model (LlamaForCausalLM, Qwen3ForCausalLM, ...: the config's model_type) on the same
+    device, in the same dtype, sharing `loaded`'s weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     w = loaded.weights["embed_tokens"]

@@ -42,6 +42,10 @@ _TEKKEN_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2/Qwen2.5/Qwen3 (llama.cpp's "qwen2"): digits one by one, letters after one optional non-letter.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # pre type -> (split regex or None for GPT-2's own, split digits one by one, BPE ignore_merges)
 _BYTE_LEVEL_PRE = {
     None: (None, False, False),
@@ -53,6 +57,7 @@ _BYTE_LEVEL_PRE = {
     "llama-v3": (_LLAMA3_SPLIT, False, True),
     "smaug-bpe": (_LLAMA3_SPLIT, False, True),
     "tekken": (_TEKKEN_SPLIT, False, True),
+    "qwen2": (_QWEN2_SPLIT, False, False),
 }
 
 

@@ -5,7 +5,7 @@ a Python loop over sequences, a gather per sequence. On a CPU each PyTorch call 
 and a decode step of a small model (SmolLM2-135M: 30 layers) is mostly such calls besides its matrix products,
 so the `torch` backend runs these instead where they apply:
 
-    rms_norm, fused_add_rms_norm, silu_and_mul, rotary_write_kv_cache
+    rms_norm, fused_add_rms_norm, silu_and_mul, rotary_write_kv_cache (with or without the q/k norm)
         fp32 inputs: the reference's arithmetic without its casts (no-ops in fp32), with fewer temporaries,
         in place where the reference copies back, q and k rotated as one view when they are adjacent (as in
         the model's fused q/k/v output); the same operations on the same values in the same order, so the
@@ -87,10 +87,23 @@ def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def rotary_write_kv_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, **_kwargs):
-    """`rotary_write_kv_cache_ref`: rotate q and k in place, then store k and v at their slots (-1: skipped)."""
-    if q.dtype != _F32 or k.dtype != _F32 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return R.rotary_write_kv_cache_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+def _head_norm_(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """x `[T, H, D]` fp32 in place: `rms_norm_ref` over each head (the reference's fp32 ops in its order)."""
+    x.mul_(torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))).mul_(weight)
+
+
+def rotary_write_kv_cache(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, *,
+                          q_norm_weight=None, k_norm_weight=None, norm_eps=None, **_kwargs):
+    """`rotary_write_kv_cache_ref`: (with q/k norm weights, RMS-normalize every q and k head first), rotate q and
+    k in place, then store k and v at their slots (-1: skipped)."""
+    norm = q_norm_weight is not None
+    if (q.dtype != _F32 or k.dtype != _F32 or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or (norm and (q_norm_weight.dtype != _F32 or k_norm_weight.dtype != _F32))):
+        return R.rotary_write_kv_cache_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                           q_norm_weight, k_norm_weight, norm_eps)
+    if norm:
+        _head_norm_(q, q_norm_weight, norm_eps)
+        _head_norm_(k, k_norm_weight, norm_eps)
     half = q.shape[-1] // 2
     rows = cos_sin_cache.index_select(0, positions)[:, None, :]  # [T, 1, D] fp32: cos | sin
     cos, sin = rows[..., :half], rows[..., half:]

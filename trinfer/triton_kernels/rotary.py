@@ -9,12 +9,12 @@ tensors it names, so callers compile with `torch.compile(fullgraph=True)` and ar
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
 
-from ._utils import FLOAT_DTYPES, TRITON_DTYPE, AotSpec, check_same, check_tensor
+from ._utils import FLOAT_DTYPES, TRITON_DTYPE, AotSpec, check_positive_float, check_same, check_tensor
 from .kernels.rotary import rotary_kernel
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -129,7 +129,8 @@ def rotary_launch_config(n_q_heads: int, n_kv_heads: int, head_dim: int) -> dict
     return dict(block_d=block_d, block_hq=block_hq, block_hk=block_hk, num_warps=num_warps)
 
 
-def _launch(q, k, positions, cos_sin_cache, v=None, k_cache=None, v_cache=None, slot_mapping=None) -> None:
+def _launch(q, k, positions, cos_sin_cache, v=None, k_cache=None, v_cache=None, slot_mapping=None,
+            q_norm_weight=None, k_norm_weight=None, norm_eps=0.0) -> None:
     tokens, n_q_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     cfg = rotary_launch_config(n_q_heads, n_kv_heads, head_dim)
@@ -141,14 +142,18 @@ def _launch(q, k, positions, cos_sin_cache, v=None, k_cache=None, v_cache=None, 
     else:
         cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
         block_size = k_cache.shape[1]
+    qk_norm = q_norm_weight is not None
+    if not qk_norm:  # placeholders, never read without QK_NORM
+        q_norm_weight = k_norm_weight = q
     rotary_kernel[(tokens, 2)](
         q, q.stride(0), q.stride(1), n_q_heads,
         k, k.stride(0), k.stride(1), n_kv_heads,
         positions, cos_sin_cache, cos_sin_cache.stride(0), head_dim // 2,
         v, v.stride(0), v.stride(1),
         slot_mapping, k_cache, v_cache, *cache_strides, block_size,
+        q_norm_weight, k_norm_weight, float(norm_eps),
         BLOCK_HQ=cfg["block_hq"], BLOCK_HK=cfg["block_hk"], BLOCK_D=cfg["block_d"], WRITE_CACHE=write,
-        num_warps=cfg["num_warps"],
+        QK_NORM=qk_norm, num_warps=cfg["num_warps"],
     )
 
 
@@ -166,12 +171,14 @@ def _(q, k, positions, cos_sin_cache):
 def _rotary_write_kv_cache_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_norm_weight: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor], norm_eps: float,
 ) -> None:
-    _launch(q, k, positions, cos_sin_cache, v, k_cache, v_cache, slot_mapping)
+    _launch(q, k, positions, cos_sin_cache, v, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight,
+            norm_eps)
 
 
 @_rotary_write_kv_cache_op.register_fake
-def _(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
+def _(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, norm_eps):
     return None
 
 
@@ -243,11 +250,33 @@ def _check_caches(k_cache, v_cache, k, v, slot_mapping, validate: bool) -> None:
             raise ValueError("slot_mapping: expected each slot at most once (two tokens would race), got duplicates")
 
 
+def _check_qk_norm(q, q_norm_weight, k_norm_weight, norm_eps) -> float:
+    """The per-head q/k RMSNorm arguments: both weights `[head_dim]` of q's dtype and device and an eps > 0, or
+    none of the three. Returns eps (0.0 when there is no norm)."""
+    if q_norm_weight is None and k_norm_weight is None:
+        if norm_eps is not None:
+            raise ValueError(f"norm_eps: expected None without q_norm_weight/k_norm_weight, got {norm_eps!r}")
+        return 0.0
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is None:
+            other = "k_norm_weight" if name == "q_norm_weight" else "q_norm_weight"
+            raise ValueError(f"{name}: expected a [head_dim] tensor when {other} is given (both or neither), "
+                             f"got None")
+        check_tensor(name, w, dtypes=(q.dtype,), ndim=1, device=q.device, contiguous=True)
+        check_same(name, w.shape[0], q.shape[2], "size equal to head_dim")
+    if norm_eps is None:
+        raise ValueError("norm_eps: expected a float > 0 with q_norm_weight/k_norm_weight, got None")
+    return check_positive_float("norm_eps", norm_eps)
+
+
 def rotary_write_kv_cache(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, *, validate: bool = False,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+    q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float | None = None, validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_rotary(q, k, ...)` and then `k_cache[slot] = k[t]`, `v_cache[slot] = v[t]`, in one launch.
+    """`apply_rotary(q, k, ...)` and then `k_cache[slot] = k[t]`, `v_cache[slot] = v[t]`, in one launch;
+    with q/k norm weights (Qwen3), every q and k head is RMS-normalized first, in the same pass.
 
     Args:
         q, k, positions, cos_sin_cache: as for `apply_rotary` (q and k rotated in place).
@@ -256,49 +285,62 @@ def rotary_write_kv_cache(
             `kv_cache_layout`; the last dim contiguous, other strides free). Written at the tokens' slots.
         slot_mapping: `[tokens]` int32/int64, contiguous: the flat slot `block * block_size + offset` of each
             token; -1 skips the token's cache write (padding).
+        q_norm_weight, k_norm_weight: optional `[head_dim]` RMSNorm weights (q's dtype and device, contiguous),
+            both or neither: each head h of q becomes `q_norm_weight * rnd(h * rsqrt(mean(h^2) + norm_eps))`
+            (fp32 math, rnd() rounding to the dtype, as Qwen3RMSNorm casts), likewise k with k_norm_weight,
+            before the rotation; the normalized, rotated k is what the cache receives.
+        norm_eps: the norm's epsilon (> 0; Qwen3's rms_norm_eps), required with the weights, else None.
         validate: also check (one host sync) positions, slots in [-1, num_blocks * block_size) and no slot twice.
     Returns:
-        `(q, k)`, rotated. Reference: `trinfer.triton_kernels.references.rotary_write_kv_cache_ref`.
+        `(q, k)`, (normalized and) rotated. Reference: `trinfer.triton_kernels.references.rotary_write_kv_cache_ref`.
     """
     _check_rotary(q, k, positions, cos_sin_cache, validate)
     _check_caches(k_cache, v_cache, k, v, slot_mapping, validate)
+    eps = _check_qk_norm(q, q_norm_weight, k_norm_weight, norm_eps)
     if q.shape[0]:
-        _rotary_write_kv_cache_op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        _rotary_write_kv_cache_op(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                                  q_norm_weight, k_norm_weight, eps)
     return q, k
 
 
 # (q heads, kv heads, head_dim): SmolLM2-135M, Llama-3.2-1B, Llama-3-8B, and a head_dim-80 case (padded tile).
 AOT_MODELS = ((9, 3, 64), (32, 8, 64), (32, 8, 128), (32, 8, 80))
+# With the q/k norm (the model's fused path only): Qwen3-0.6B/1.7B, 4B/8B, 14B (two q-head steps), 32B.
+AOT_QK_NORM_MODELS = ((16, 8, 128), (32, 8, 128), (40, 8, 128), (64, 8, 128))
 
 
-def aot_specs(models=AOT_MODELS, dtypes=FLOAT_DTYPES) -> list[AotSpec]:
+def _aot_spec(n_q: int, n_kv: int, head_dim: int, dtype: torch.dtype, write: bool, qk_norm: bool) -> AotSpec:
+    cfg = rotary_launch_config(n_q, n_kv, head_dim)
+    t = "*" + TRITON_DTYPE[dtype]
+    idx = "*i32" if dtype == torch.float32 else "*i64"
+    return AotSpec(
+        name=f"rotary[h={n_q}/{n_kv},d={head_dim},{TRITON_DTYPE[dtype]},{idx[1:]},cache={int(write)}"
+             f"{',qk_norm' if qk_norm else ''}]",
+        fn=rotary_kernel,
+        # Fused-qkv views, the table and a contiguous cache: every stride is a multiple of
+        # head_dim, hence of 16 ("i32:16", as the JIT specializes it); half is when head_dim % 32 == 0.
+        signature={
+            "q_ptr": t, "q_tok_stride": "i32:16", "q_head_stride": "i32:16", "n_q_heads": "i32",
+            "k_ptr": t, "k_tok_stride": "i32:16", "k_head_stride": "i32:16", "n_kv_heads": "i32",
+            "pos_ptr": idx, "cos_sin_ptr": "*fp32", "cos_sin_stride": "i32:16",
+            "half": "i32:16" if head_dim % 32 == 0 else "i32",
+            "v_ptr": t, "v_tok_stride": "i32:16", "v_head_stride": "i32:16",
+            "slot_ptr": idx, "k_cache_ptr": t, "v_cache_ptr": t,
+            "kc_block_stride": "i32:16", "kc_slot_stride": "i32:16", "kc_head_stride": "i32:16",
+            "vc_block_stride": "i32:16", "vc_slot_stride": "i32:16", "vc_head_stride": "i32:16",
+            "block_size": "i32:16", "q_norm_ptr": t, "k_norm_ptr": t, "eps": "fp32",
+        },
+        constexprs={"BLOCK_HQ": cfg["block_hq"], "BLOCK_HK": cfg["block_hk"], "BLOCK_D": cfg["block_d"],
+                    "WRITE_CACHE": write, "QK_NORM": qk_norm},
+        num_warps=cfg["num_warps"],
+    )
+
+
+def aot_specs(models=AOT_MODELS, dtypes=FLOAT_DTYPES, qk_norm_models=AOT_QK_NORM_MODELS) -> list[AotSpec]:
     """The launch configurations `apply_rotary` / `rotary_write_kv_cache` pick for real models (int64 indices;
-    int32 for fp32)."""
-    specs = []
-    for n_q, n_kv, head_dim in models:
-        cfg = rotary_launch_config(n_q, n_kv, head_dim)
-        for dtype in dtypes:
-            t = "*" + TRITON_DTYPE[dtype]
-            idx = "*i32" if dtype == torch.float32 else "*i64"
-            for write in (False, True):
-                specs.append(AotSpec(
-                    name=f"rotary[h={n_q}/{n_kv},d={head_dim},{TRITON_DTYPE[dtype]},{idx[1:]},cache={int(write)}]",
-                    fn=rotary_kernel,
-                    # Fused-qkv views, the table and a contiguous cache: every stride is a multiple of
-                    # head_dim, hence of 16 ("i32:16", as the JIT specializes it); half is when head_dim % 32 == 0.
-                    signature={
-                        "q_ptr": t, "q_tok_stride": "i32:16", "q_head_stride": "i32:16", "n_q_heads": "i32",
-                        "k_ptr": t, "k_tok_stride": "i32:16", "k_head_stride": "i32:16", "n_kv_heads": "i32",
-                        "pos_ptr": idx, "cos_sin_ptr": "*fp32", "cos_sin_stride": "i32:16",
-                        "half": "i32:16" if head_dim % 32 == 0 else "i32",
-                        "v_ptr": t, "v_tok_stride": "i32:16", "v_head_stride": "i32:16",
-                        "slot_ptr": idx, "k_cache_ptr": t, "v_cache_ptr": t,
-                        "kc_block_stride": "i32:16", "kc_slot_stride": "i32:16", "kc_head_stride": "i32:16",
-                        "vc_block_stride": "i32:16", "vc_slot_stride": "i32:16", "vc_head_stride": "i32:16",
-                        "block_size": "i32:16",
-                    },
-                    constexprs={"BLOCK_HQ": cfg["block_hq"], "BLOCK_HK": cfg["block_hk"], "BLOCK_D": cfg["block_d"],
-                                "WRITE_CACHE": write},
-                    num_warps=cfg["num_warps"],
-                ))
+    int32 for fp32), and `rotary_write_kv_cache` with the q/k norm for Qwen3's shapes."""
+    specs = [_aot_spec(n_q, n_kv, head_dim, dtype, write, False)
+             for n_q, n_kv, head_dim in models for dtype in dtypes for write in (False, True)]
+    specs += [_aot_spec(n_q, n_kv, head_dim, dtype, True, True)
+              for n_q, n_kv, head_dim in qk_norm_models for dtype in dtypes]
     return specs

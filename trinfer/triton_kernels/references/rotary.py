@@ -1,7 +1,10 @@
-"""References for apply_rotary and rotary_write_kv_cache (Hugging Face rotate_half convention and casts)."""
+"""References for apply_rotary and rotary_write_kv_cache (Hugging Face rotate_half convention and casts; the
+optional per-head q/k RMSNorm of Qwen3 with Qwen3RMSNorm's casts)."""
 from __future__ import annotations
 
 import torch
+
+from .norm import rms_norm_ref
 
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -31,9 +34,15 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     return q, k
 
 
-def rotary_write_kv_cache_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping):
-    """`apply_rotary_ref(q, k)`, then `k_cache[slot] = k[t]` and `v_cache[slot] = v[t]` for every token whose
-    slot (`block * block_size + offset` in `[num_blocks, block_size, kv_heads, head_dim]`) is not -1."""
+def rotary_write_kv_cache_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                              q_norm_weight=None, k_norm_weight=None, norm_eps=None):
+    """With q/k norm weights (`[D]`, Qwen3's q_norm / k_norm), first `q = rms_norm_ref(q, q_norm_weight,
+    norm_eps)` and `k = rms_norm_ref(k, k_norm_weight, norm_eps)` over each head, in place; then
+    `apply_rotary_ref(q, k)`, then `k_cache[slot] = k[t]` and `v_cache[slot] = v[t]` for every token whose slot
+    (`block * block_size + offset` in `[num_blocks, block_size, kv_heads, head_dim]`) is not -1."""
+    if q_norm_weight is not None:
+        q.copy_(rms_norm_ref(q, q_norm_weight, norm_eps))
+        k.copy_(rms_norm_ref(k, k_norm_weight, norm_eps))
     apply_rotary_ref(q, k, positions, cos_sin_cache)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
