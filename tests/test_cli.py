@@ -68,3 +68,34 @@ def test_parser_has_subcommands():
     args = parser.parse_args(["generate", "x", "--backend", "torch", "--dtype", "float32", "--chat"])
     assert (args.command, args.prompt, args.backend, args.dtype, args.chat) == ("generate", "x", "torch", "float32", True)
     assert args.cuda_graphs is True and parser.parse_args(["generate", "x", "--no-cuda-graphs"]).cuda_graphs is False
+
+
+def test_internal_errors_exit_1_with_a_hint_and_debug_shows_the_traceback(capsys):
+    from trinfer.cli import run_command
+
+    def broken(args):
+        raise KeyError("oops")
+
+    parser = build_parser()
+    assert run_command(broken, parser.parse_args(["generate", "x"])) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("trinfer: internal error: KeyError: 'oops'") and "--debug" in err
+    for argv in (["generate", "x", "--debug"], ["--debug", "generate", "x"]):
+        assert run_command(broken, parser.parse_args(argv)) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "raise KeyError" in err and err.rstrip().endswith("--debug for the traceback)")
+
+    def user_error(args):
+        raise ValueError("config.json: hidden_size: expected an int,\n got string '64'")
+
+    assert run_command(user_error, parser.parse_args(["generate", "x"])) == 2
+    assert capsys.readouterr().err == "trinfer: error: config.json: hidden_size: expected an int, got string '64'\n"
+    assert run_command(user_error, parser.parse_args(["generate", "x", "--debug"])) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_every_command_takes_debug():
+    parser = build_parser()
+    for argv in (["generate", "x", "--debug"], ["profile", "--debug"], ["--debug", "profile"]):
+        assert parser.parse_args(argv).debug is True
+    assert parser.parse_args(["generate", "x"]).debug is False

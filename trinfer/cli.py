@@ -9,13 +9,18 @@
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
 
 Each command is a pair of functions: `_add_<command>(subparsers)` declares its arguments and
-`_run_<command>(args)` runs it; `_COMMANDS` lists them. Errors in the user's input print one line
-(`trinfer: error: ...`) and exit with status 2.
+`_run_<command>(args)` runs it; `_COMMANDS` lists them. Every command runs through `run_command`, which
+turns errors into one line on stderr: errors in the user's input (arguments, model files, prompts,
+templates: ValueError and its subclasses such as ModelFileError, OSError, MemoryError) print
+`trinfer: error: ...` and exit with status 2; anything else is a bug of trinfer's and prints
+`trinfer: internal error: ...` with a hint, exit status 1. `--debug` (on every command) prints the
+traceback too.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 
 def _add_engine_options(p) -> None:
@@ -89,7 +94,7 @@ def _run_generate(args) -> int:
 
     if args.no_thinking and not args.chat:
         raise ValueError("--no-thinking: it sets a variable of the chat template; add --chat")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
     engine_kwargs = _engine_kwargs(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
     llm = LLM(args.model, max_num_seqs=1, **engine_kwargs)  # under torchrun, ranks > 0 follow rank 0 and exit here
@@ -169,6 +174,15 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8 (ValueError naming the first bad byte otherwise)."""
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt: stdin is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
 def _add_profile(sub) -> None:
     from trinfer import profiler
 
@@ -189,28 +203,60 @@ _COMMANDS = (("generate", _add_generate, _run_generate), ("serve", _add_serve, _
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trinfer", description="Lean LLM inference with Triton kernels.")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for _name, add, _run in _COMMANDS:
+    for name, add, _run in _COMMANDS:
         add(sub)
+        # Also after the command; SUPPRESS keeps `trinfer --debug COMMAND` from being reset by this default.
+        sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                       help="on an error, print the traceback too")
     return parser
+
+
+# The user's input is wrong (arguments, model files, prompts, chat templates): exit 2 with one line.
+USER_ERRORS = (ValueError, OSError, MemoryError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+def run_command(run, args) -> int:
+    """Run one command: its exit status, or 2 (user error) / 1 (internal error) / 130 (interrupted) with one
+    line on stderr (and the traceback with --debug)."""
+    debug = getattr(args, "debug", False)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"trinfer: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except BaseException as e:  # a bug (or a Rust panic in a library, which is not an Exception)
+        if isinstance(e, (SystemExit, GeneratorExit)):
+            raise
+        from trinfer.runtime.distributed import TensorParallelError
+
+        if isinstance(e, TensorParallelError):  # a rank failed (names it and why); every rank has been stopped
+            if debug:
+                traceback.print_exc()
+            print(f"trinfer: error: {_one_line(e)}", file=sys.stderr)
+            return 1
+        if debug:
+            traceback.print_exc()
+        print(f"trinfer: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run = next(run for name, _add, run in _COMMANDS if name == args.command)
-    from trinfer.runtime.distributed import TensorParallelError
-
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, MemoryError) as e:
-        print(f"trinfer: error: {e}", file=sys.stderr)
-        return 2
-    except TensorParallelError as e:  # a rank failed (names it and why); every rank has been stopped
-        print(f"trinfer: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,21 @@
 
 Modules, in the order a request meets them (nano-vllm's layout):
     config, loader, tokenizer, default_model   checkpoint -> ModelConfig, fused weights, tokenizer
+    fields, chat_template                      typed reads of untrusted model files; bounded chat templates
     sampling_params, sequence                  a request and its state
     block_manager, kv_cache                    the paged KV cache and who owns which block
     scheduler                                  continuous batching, preemption by recompute
     attention_metadata, model, model_runner    one forward pass: metadata, the model, the argmax
-    engine, llm                                add_request / step / abort, and the batch API
+    memory_plan, engine, llm                   what fits in memory; add_request / step / abort; the batch API
     distributed, tp_worker                     tensor parallelism: shards, process groups, collectives; the
                                                per-step messages rank 0 sends and the other ranks follow
 """
+from .chat_template import ChatTemplateError, TemplateLimits
 from .distributed import TensorParallelError
 from .engine import Engine, RequestOutput, RequestTimings
+from .fields import ModelFileError
 from .llm import LLM
 from .sampling_params import SamplingParams
 
-__all__ = ["LLM", "Engine", "SamplingParams", "RequestOutput", "RequestTimings", "TensorParallelError"]
+__all__ = ["LLM", "Engine", "SamplingParams", "RequestOutput", "RequestTimings", "ModelFileError",
+           "ChatTemplateError", "TemplateLimits", "TensorParallelError"]

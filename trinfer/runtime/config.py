@@ -3,7 +3,9 @@
 Only what trinfer implements is accepted. Every option that would change the model's math in a way the
 runtime does not reproduce (another architecture, an active sliding window, a rope type other than
 default/linear/llama3, biases where the model has none, another activation, partial rotary) is refused
-with a ValueError that names the option, so a checkpoint is never silently run wrong.
+with a ValueError that names the option, so a checkpoint is never silently run wrong. Every field is read
+with its type checked (`fields`): `"tie_word_embeddings": "false"` is a ModelFileError naming the file, the
+key, the expected type and the value, never a truthy string.
 
     cfg = ModelConfig.from_hf(json.load(open("config.json")), json.load(open("generation_config.json")))
 """
@@ -14,6 +16,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
+
+from .fields import (REQUIRED, ModelFileError, get_bool, get_int, get_list, get_mapping, get_number, get_str,
+                     is_int, short_repr)
 
 # architecture -> the model_type its config.json carries.
 SUPPORTED_ARCHITECTURES = {
@@ -133,64 +138,67 @@ class ModelConfig:
 
     @classmethod
     def from_hf(
-        cls, config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None
+        cls, config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None, *,
+        source: str = "config.json", generation_source: str = "generation_config.json",
     ) -> "ModelConfig":
-        """Parse a Hugging Face config.json dict (transformers 4.x or 5.x form) and optional generation_config."""
+        """Parse a Hugging Face config.json dict (transformers 4.x or 5.x form) and optional generation_config.
+
+        Every field is read with its type checked (`fields`): a ModelFileError (a ValueError) names the file
+        (`source` / `generation_source`, for the message), the key, what was expected and what was found.
+        """
         if not isinstance(config, Mapping):
             raise TypeError(f"config: expected a dict (the parsed config.json), got {type(config).__name__}")
-        architecture = _architecture(config)
-        model_type = config.get("model_type")
-        if model_type is None:
-            model_type = SUPPORTED_ARCHITECTURES[architecture]
-        _refuse_unsupported_options(config, architecture)
+        if generation_config is not None and not isinstance(generation_config, Mapping):
+            raise TypeError(f"generation_config: expected a dict, got {type(generation_config).__name__}")
+        src = source
+        architecture = _architecture(config, src)
+        model_type = get_str(config, "model_type", source=src, default=SUPPORTED_ARCHITECTURES[architecture])
+        _refuse_unsupported_options(config, architecture, src)
 
-        hidden_size = _require(config, "hidden_size")
-        num_heads = _require(config, "num_attention_heads")
-        num_kv_heads = config.get("num_key_value_heads")
-        if num_kv_heads is None:
-            num_kv_heads = num_heads
-        head_dim = config.get("head_dim")
+        hidden_size = _size(config, "hidden_size", src)
+        num_heads = _size(config, "num_attention_heads", src)
+        num_kv_heads = _size(config, "num_key_value_heads", src, default=num_heads)
+        head_dim = _size(config, "head_dim", src, default=None)
         if head_dim is None:
-            if not isinstance(hidden_size, int) or not isinstance(num_heads, int) or num_heads <= 0 \
-                    or hidden_size % num_heads != 0:
-                raise ValueError(
-                    f"head_dim: not given and hidden_size={hidden_size!r} is not a multiple of "
-                    f"num_attention_heads={num_heads!r}"
-                )
+            if hidden_size % num_heads != 0:
+                raise ModelFileError(src, "head_dim", f"not given and hidden_size={hidden_size} is not a multiple "
+                                     f"of num_attention_heads={num_heads}")
             head_dim = hidden_size // num_heads
-        max_positions = _require(config, "max_position_embeddings")
-        rope_theta, rope_scaling = _rope(config)
+        rope_theta, rope_scaling = _rope(config, src)
 
         eos: list[int] = []
-        for source in (generation_config or {}, config):
-            for token_id in _as_id_list(source.get("eos_token_id"), "eos_token_id"):
+        for data, where in ((generation_config or {}, generation_source), (config, src)):
+            for token_id in _as_id_list(data, "eos_token_id", where):
                 if token_id not in eos:
                     eos.append(token_id)
-        bos = config.get("bos_token_id")
+        bos = _bos(config, src)
         if bos is None and generation_config:
-            bos = generation_config.get("bos_token_id")
-        if isinstance(bos, list):  # some configs write a one-element list
-            bos = bos[0] if len(bos) == 1 else bos
+            bos = _bos(generation_config, generation_source)
+        vocab_size = _size(config, "vocab_size", src)
+        for name, token_id in (("bos_token_id", bos), *(("eos_token_id", t) for t in eos)):
+            if token_id is not None and token_id >= vocab_size:
+                raise ModelFileError(src, name, f"{token_id} is not a token id of the vocabulary (vocab_size "
+                                     f"{vocab_size})")
 
         return cls(
             architecture=architecture,
             model_type=model_type,
-            vocab_size=_require(config, "vocab_size"),
+            vocab_size=vocab_size,
             hidden_size=hidden_size,
-            intermediate_size=_require(config, "intermediate_size"),
-            num_layers=_require(config, "num_hidden_layers"),
+            intermediate_size=_size(config, "intermediate_size", src),
+            num_layers=_size(config, "num_hidden_layers", src),
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            rms_norm_eps=get_number(config, "rms_norm_eps", source=src, default=1e-6, positive=True),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            max_position_embeddings=_size(config, "max_position_embeddings", src),
+            tie_word_embeddings=get_bool(config, "tie_word_embeddings", source=src, default=False),
             qkv_bias=architecture == "Qwen2ForCausalLM",
             bos_token_id=bos,
             eos_token_ids=tuple(eos),
-            checkpoint_dtype=_dtype(config),
+            checkpoint_dtype=_dtype(config, src),
             qk_norm=architecture == "Qwen3ForCausalLM",
         )
 
@@ -199,127 +207,146 @@ def _is_token_id(value: Any, vocab_size: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 
-def _require(config: Mapping[str, Any], key: str) -> Any:
-    if config.get(key) is None:
-        raise ValueError(f"config.json: missing required key {key!r}")
-    return config[key]
+# Sizes and counts index int32 tensors (block tables, kernel offsets): anything larger is not a real model.
+MAX_SIZE = 2**31 - 1
 
 
-def _as_id_list(value: Any, name: str) -> list[int]:
+def _size(config: Mapping[str, Any], key: str, source: str, default: Any = REQUIRED) -> Any:
+    """A required (or defaulted) positive int no larger than MAX_SIZE."""
+    return get_int(config, key, source=source, default=default, minimum=1, maximum=MAX_SIZE)
+
+
+def _as_id_list(config: Mapping[str, Any], key: str, source: str) -> list[int]:
+    """An int or a list of ints (token ids >= 0); [] when absent."""
+    value = config.get(key)
     if value is None:
         return []
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return list(value)
-    raise ValueError(f"{name}: expected an int or a list of ints, got {value!r}")
+    if is_int(value):
+        value = [value]
+    ids = get_list({key: value}, key, source=source, item=lambda v: is_int(v) and v >= 0,
+                   item_name="token ids (ints >= 0)")
+    return list(ids)
 
 
-def _architecture(config: Mapping[str, Any]) -> str:
+def _bos(config: Mapping[str, Any], source: str) -> int | None:
+    """bos_token_id: an int (or a one-element list of one, as some configs write it), or None."""
+    ids = _as_id_list(config, "bos_token_id", source)
+    if len(ids) > 1:
+        raise ModelFileError(source, "bos_token_id", f"expected one token id, got {short_repr(ids)}")
+    return ids[0] if ids else None
+
+
+def _architecture(config: Mapping[str, Any], source: str) -> str:
     architectures = config.get("architectures")
     if architectures is None:
-        model_type = config.get("model_type")
+        model_type = get_str(config, "model_type", source=source, default=None)
         by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
         if model_type not in by_type:
-            raise ValueError(
-                f"architectures: not given and model_type {model_type!r} is not one of {sorted(by_type)}"
-            )
+            raise ModelFileError(source, "architectures",
+                                 f"not given and model_type {model_type!r} is not one of {sorted(by_type)}")
         return by_type[model_type]
     if isinstance(architectures, str):
         architectures = [architectures]
-    refused = [a for a in architectures if isinstance(a, str) and a in REFUSED_ARCHITECTURES]
+    architectures = get_list({"architectures": architectures}, "architectures", source=source,
+                             item=lambda v: isinstance(v, str), item_name="strings")
+    refused = [a for a in architectures if a in REFUSED_ARCHITECTURES]
     if refused:
-        raise ValueError(f"architectures: {refused[0]!r} is not supported: {REFUSED_ARCHITECTURES[refused[0]]}")
+        raise ModelFileError(source, "architectures",
+                             f"{refused[0]!r} is not supported: {REFUSED_ARCHITECTURES[refused[0]]}")
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"architectures: {architectures!r} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise ModelFileError(source, "architectures", f"{short_repr(architectures)} is not supported; supported: "
+                             f"{sorted(SUPPORTED_ARCHITECTURES)}")
     return architectures[0]
 
 
-def _refuse_unsupported_options(config: Mapping[str, Any], architecture: str) -> None:
-    """Raise ValueError naming the first option whose effect trinfer does not implement."""
-    act = config.get("hidden_act", config.get("hidden_activation", "silu"))
+def _refuse_unsupported_options(config: Mapping[str, Any], architecture: str, source: str) -> None:
+    """Raise ModelFileError naming the first option whose effect trinfer does not implement."""
+    key = "hidden_act" if "hidden_act" in config or "hidden_activation" not in config else "hidden_activation"
+    act = get_str(config, key, source=source, default="silu")
     if act != "silu":
-        raise ValueError(f"hidden_act: only 'silu' is supported, got {act!r}")
-    if config.get("mlp_bias"):
-        raise ValueError("mlp_bias: biases on the MLP projections are not supported (mlp_bias=True)")
-    if config.get("attention_bias"):
+        raise ModelFileError(source, key, f"only 'silu' is supported, got {act!r}")
+    if get_bool(config, "mlp_bias", source=source, default=False):
+        raise ModelFileError(source, "mlp_bias", "biases on the MLP projections are not supported (mlp_bias=true)")
+    if get_bool(config, "attention_bias", source=source, default=False):
         # Hugging Face Llama/Mistral put the bias on o_proj too; trinfer has only q/k/v biases (Qwen2).
-        raise ValueError(
-            "attention_bias: biases on the attention projections (including o_proj) are not supported "
-            "(attention_bias=True)"
-        )
-    partial = config.get("partial_rotary_factor")
-    rope_params = config.get("rope_parameters")
-    if partial is None and isinstance(rope_params, Mapping):
-        partial = rope_params.get("partial_rotary_factor")
-    if partial is not None and float(partial) != 1.0:
-        raise ValueError(f"partial_rotary_factor: only full rotary (1.0) is supported, got {partial!r}")
-    if config.get("quantization_config") is not None:
-        method = config["quantization_config"].get("quant_method", "?") if isinstance(
-            config["quantization_config"], Mapping) else "?"
-        raise ValueError(f"quantization_config: quantized safetensors checkpoints are not supported ({method})")
-    if config.get("num_local_experts") or config.get("num_experts"):
-        raise ValueError("num_local_experts: mixture-of-experts models are not supported")
-    if config.get("is_encoder_decoder"):
-        raise ValueError("is_encoder_decoder: encoder-decoder models are not supported")
-    _refuse_sliding_window(config, architecture)
+        raise ModelFileError(source, "attention_bias", "biases on the attention projections (including o_proj) are "
+                             "not supported (attention_bias=true)")
+    rope_params = get_mapping(config, "rope_parameters", source=source, default=None)
+    partial = get_number(config, "partial_rotary_factor", source=source, default=None)
+    if partial is None and rope_params is not None:
+        partial = get_number(rope_params, "partial_rotary_factor", source=source, default=None)
+    if partial is not None and partial != 1.0:
+        raise ModelFileError(source, "partial_rotary_factor", f"only full rotary (1.0) is supported, got {partial!r}")
+    quant = config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else "?"
+        raise ModelFileError(source, "quantization_config",
+                             f"quantized safetensors checkpoints are not supported ({short_repr(method)})")
+    for key in ("num_local_experts", "num_experts"):
+        if get_int(config, key, source=source, default=0, minimum=0):
+            raise ModelFileError(source, key, "mixture-of-experts models are not supported")
+    if get_bool(config, "is_encoder_decoder", source=source, default=False):
+        raise ModelFileError(source, "is_encoder_decoder", "encoder-decoder models are not supported")
+    _refuse_sliding_window(config, architecture, source)
 
 
-def _refuse_sliding_window(config: Mapping[str, Any], architecture: str) -> None:
-    window = config.get("sliding_window")
-    max_positions = config.get("max_position_embeddings")
-    layer_types = config.get("layer_types") or []
+def _refuse_sliding_window(config: Mapping[str, Any], architecture: str, source: str) -> None:
+    window = get_int(config, "sliding_window", source=source, default=None, minimum=0)
+    max_positions = _size(config, "max_position_embeddings", source)
+    layer_types = get_list(config, "layer_types", source=source, default=[], item=lambda v: isinstance(v, str),
+                           item_name="strings")
     if architecture in _QWEN_WINDOW_ARCHITECTURES:
         # Qwen2/Qwen3 slide only with use_sliding_window (on layers from max_window_layers on).
-        uses_window = bool(config.get("use_sliding_window")) or "sliding_attention" in layer_types
+        uses_window = get_bool(config, "use_sliding_window", source=source, default=False) \
+            or "sliding_attention" in layer_types
     else:
         uses_window = window is not None or "sliding_attention" in layer_types
     if not uses_window:
         return
-    if window is None or (isinstance(max_positions, int) and window >= max_positions):
+    if window is None or window >= max_positions:
         return  # a window as long as the context never masks anything
-    raise ValueError(
-        f"sliding_window: sliding-window attention is not supported (sliding_window={window} < "
+    raise ModelFileError(
+        source, "sliding_window", f"sliding-window attention is not supported (sliding_window={window} < "
         f"max_position_embeddings={max_positions}); only models with full attention can run"
     )
 
 
-def _rope(config: Mapping[str, Any]) -> tuple[float, dict | None]:
+def _rope(config: Mapping[str, Any], source: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from transformers 5's rope_parameters or 4.x's rope_theta/rope_scaling."""
-    params = config.get("rope_parameters")
-    if params is not None and not isinstance(params, Mapping):
-        raise ValueError(f"rope_parameters: expected a dict, got {params!r}")
+    params = get_mapping(config, "rope_parameters", source=source, default=None)
     if params is not None and any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError(f"rope_parameters: per-layer-type rope parameters are not supported, got {dict(params)!r}")
-    scaling = params if params is not None else config.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, Mapping):
-        raise ValueError(f"rope_scaling: expected a dict or null, got {scaling!r}")
+        raise ModelFileError(source, "rope_parameters",
+                             f"per-layer-type rope parameters are not supported, got {short_repr(dict(params))}")
+    key = "rope_parameters" if params is not None else "rope_scaling"
+    scaling = params if params is not None else get_mapping(config, "rope_scaling", source=source, default=None)
     theta = None
     if params is not None:
-        theta = params.get("rope_theta")
+        theta = get_number(params, "rope_theta", source=f"{source}: rope_parameters", default=None, positive=True)
     if theta is None:
-        theta = config.get("rope_theta", 10000.0)
+        theta = get_number(config, "rope_theta", source=source, default=10000.0, positive=True)
     if not scaling:
         return theta, None
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    where = f"{source}: {key}"
+    type_key = "rope_type" if "rope_type" in scaling or "type" not in scaling else "type"
+    rope_type = get_str(scaling, type_key, source=where, default="default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope_scaling: rope_type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}"
-        )
+        raise ModelFileError(source, key, f"rope_type {rope_type!r} is not supported; supported: "
+                             f"{list(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
         return theta, None
     if rope_type == "linear":
-        if "factor" not in scaling:
-            raise ValueError("rope_scaling: rope_type 'linear' needs 'factor'")
-        return theta, {"rope_type": "linear", "factor": float(scaling["factor"])}
+        if scaling.get("factor") is None:
+            raise ModelFileError(source, key, "rope_type 'linear' needs 'factor'")
+        return theta, {"rope_type": "linear", "factor": get_number(scaling, "factor", source=where, positive=True)}
     missing = [k for k in _LLAMA3_ROPE_KEYS if scaling.get(k) is None]
     if missing:
-        raise ValueError(f"rope_scaling: rope_type 'llama3' needs {missing}")
-    out = {"rope_type": "llama3"}
-    for key in _LLAMA3_ROPE_KEYS:
-        out[key] = float(scaling[key]) if key != "original_max_position_embeddings" else scaling[key]
+        raise ModelFileError(source, key, f"rope_type 'llama3' needs {missing}")
+    out: dict[str, Any] = {"rope_type": "llama3"}
+    for k in _LLAMA3_ROPE_KEYS:
+        if k == "original_max_position_embeddings":
+            out[k] = _size(scaling, k, where)
+        else:
+            out[k] = get_number(scaling, k, source=where, positive=True)
     return theta, out
 
 
@@ -354,11 +381,13 @@ def _check_rope_scaling(scaling: dict | None, max_positions: int) -> None:
         raise ValueError(f"rope_scaling: factor must be a positive finite number, got {factor!r}")
 
 
-def _dtype(config: Mapping[str, Any]) -> torch.dtype:
-    name = config.get("dtype", config.get("torch_dtype"))
+def _dtype(config: Mapping[str, Any], source: str) -> torch.dtype:
+    key = "dtype" if config.get("dtype") is not None else "torch_dtype"
+    name = get_str(config, key, source=source, default=None)
     if name is None:
         return torch.float32
-    name = str(name).replace("torch.", "")
+    name = name.replace("torch.", "")
     if name not in _DTYPES:
-        raise ValueError(f"dtype: checkpoint dtype {name!r} is not supported; supported: float32, float16, bfloat16")
+        raise ModelFileError(source, key, f"checkpoint dtype {short_repr(name)} is not supported; supported: "
+                             "float32, float16, bfloat16")
     return _DTYPES[name]

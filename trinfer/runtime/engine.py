@@ -23,6 +23,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from trinfer.triton_kernels.kv_cache_layout import check_block_size
@@ -31,12 +32,14 @@ from . import tp_worker
 from .block_manager import BlockManager, blocks_needed
 from .distributed import DEFAULT_TIMEOUT_S, start_tensor_parallel, tensor_parallel_requested
 from .kv_cache import choose_num_blocks
+from .memory_plan import plan_memory
 from .model import check_cuda_kernels_available, get_backend, parse_backend
 from .model_runner import ModelRunner, PendingDecode
 from .quantization import check_quantize, quantize_weights
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence
+from .tokenizer import validate_text
 
 DEFAULT_MAX_BATCHED_TOKENS = 8192  # tokens per prefill batch; a longer prompt still runs, alone
 
@@ -245,7 +248,10 @@ class Engine:
         block_size: tokens per KV block, a power of two up to 256.
         max_num_batched_tokens: most tokens in one prefill batch (default 8192; a longer prompt still runs,
             alone).
-        max_model_len: context length, at most the model's (default: the model's).
+        max_model_len: context length, at most the model's (default: the model's). The RoPE table and the decode
+            buffers are sized by min(max_model_len, the KV cache's tokens) (no sequence can grow past the cache),
+            for min(max_num_seqs, KV blocks) sequences; a plan larger than the memory available is refused
+            (`memory_plan`) before anything is allocated.
         debug: kernels also run their input checks that read device memory (slower; no CUDA graphs).
         cuda_graphs: capture the decode step as CUDA graphs at start-up and replay them (default True; used
             on CUDA with the triton/cuda backends only, never with debug). `runner.graph_capture_s` and
@@ -281,8 +287,10 @@ class Engine:
         args = {k: v for k, v in locals().items() if k != "self"}  # what spawned tensor-parallel ranks rebuild
         from .loader import LoadedModel, load_model_files
 
-        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs: expected an int >= 1, got {max_num_seqs!r}")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected an int >= 1, got {type(value).__name__} {value!r}")
         check_block_size(block_size)  # a power of two, as the kernels require
         weights_device = model.weights["embed_tokens"].device if isinstance(model, LoadedModel) else None
         # A loaded model runs where its weights are, unless a device is named (then they must be on it).
@@ -320,8 +328,11 @@ class Engine:
         self.config = cfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
+        context_from = f"max_model_len={max_model_len}"
         if max_model_len is None:
             max_model_len = cfg.max_position_embeddings
+            context_from = (f"max_model_len (default: the model's context, max_position_embeddings / "
+                            f"llama.context_length = {max_model_len})")
         elif not 1 < max_model_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_model_len: expected 2..{cfg.max_position_embeddings} (the model's context), "
                              f"got {max_model_len}")
@@ -338,9 +349,15 @@ class Engine:
             self.tp.check_same("model or engine arguments", f"{cfg!r} {self.dtype} {self.backend_name} "
                                f"max_model_len={max_model_len} block_size={block_size} num_blocks={num_blocks} "
                                f"max_num_seqs={max_num_seqs} debug={debug} cuda_graphs={self.cuda_graphs}")
+        # Refuse what cannot fit before allocating; the RoPE table and decode buffers are sized by what can run.
+        plan = plan_memory(kv_config, num_blocks=num_blocks, block_size=block_size, dtype=self.dtype,
+                           device=self.device, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                           workspace=self.backend_name != "torch", context_from=context_from,
+                           blocks_from=f"num_kv_blocks={num_kv_blocks}" if num_kv_blocks is not None else
+                           f"kv_cache_memory={kv_cache_memory}" if kv_cache_memory is not None else "the default KV cache")
         self.runner = ModelRunner(cfg, loaded.weights, backend_ops, device=self.device,
                                   dtype=self.dtype, num_blocks=num_blocks, block_size=block_size,
-                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, debug=debug,
+                                  max_num_seqs=plan.runner_seqs, max_model_len=plan.served_len, debug=debug,
                                   cuda_graphs=self.cuda_graphs, tp=self.tp, shard=loaded.shard)
         self.async_decode = bool(async_decode)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
@@ -410,25 +427,30 @@ class Engine:
             if isinstance(prompt, str):
                 if not prompt:
                     raise ValueError("prompt: expected a non-empty prompt, got ''")
-                messages = [{"role": "user", "content": prompt}]
+                messages = [{"role": "user", "content": validate_text(prompt, "prompt")}]
             elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
                 messages = prompt
             else:
                 raise TypeError("prompt: with chat=True expected a str or a non-empty list of message dicts")
             text = tok.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-            ids = tok.encode(text, add_special_tokens=False)
+            ids = self._encode_bounded(text, "rendered by the chat template, ", special=False)
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: expected a non-empty prompt, got ''")
             if tok is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
-            text = prompt
-            ids = tok.encode(prompt, add_special_tokens=True)
+            text = validate_text(prompt, "prompt")
+            ids = self._encode_bounded(prompt, "", special=True)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             raise TypeError("prompt: a list of message dicts is a conversation; pass chat=True to apply the chat "
                             "template")
-        elif isinstance(prompt, (list, tuple)) or isinstance(prompt, torch.Tensor):
-            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        elif isinstance(prompt, (list, tuple, torch.Tensor, np.ndarray)):
+            if isinstance(prompt, (torch.Tensor, np.ndarray)) and prompt.ndim != 1:
+                raise ValueError(f"prompt: token ids must be 1-D, got shape {tuple(prompt.shape)}")
+            if len(prompt) >= self.max_model_len:  # before converting a huge array element by element
+                raise ValueError(f"prompt: {len(prompt)} tokens do not fit the context of {self.max_model_len} "
+                                 "tokens (at least one must be left to generate); shorten the prompt")
+            ids = prompt.tolist() if isinstance(prompt, (torch.Tensor, np.ndarray)) else list(prompt)
             self._check_token_ids(ids)
         else:
             raise TypeError(f"prompt: expected a str or a list of token ids, got {type(prompt).__name__}")
@@ -454,18 +476,24 @@ class Engine:
             rid = next(self._ids)
         return Sequence(rid, ids, params, prompt=text, detokenizer=detok)
 
+    def _encode_bounded(self, text: str, what: str, *, special: bool) -> list[int]:
+        """Token ids of `text`; a text that certainly cannot fit the context is refused first, cheaply
+        (`Tokenizer.exceeds`: a 10 MB prompt is not tokenized in full to learn that it is too long).
+        what: words for the message after "prompt: " ("" or e.g. "rendered by the chat template, ")."""
+        tok = self.tokenizer
+        budget = self.max_model_len - 1 - (tok.num_special_tokens_added if special else 0)
+        over = tok.exceeds(text, budget)
+        if over is not None:
+            raise ValueError(f"prompt: {what}at least {over} tokens ({len(text)} characters), more than the context "
+                             f"of {self.max_model_len} tokens holds (at least one must be left to generate); shorten "
+                             "the prompt")
+        return tok.encode(text, add_special_tokens=special)
+
     def _check_token_ids(self, ids: list) -> None:
         vocab = self.config.vocab_size
         for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int):
-                try:
-                    import numpy as np
-
-                    ok = isinstance(t, np.integer)
-                except ImportError:  # pragma: no cover
-                    ok = False
-                if not ok:
-                    raise TypeError(f"prompt: token {i} is {type(t).__name__} {t!r}, expected an int")
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"prompt: token {i} is {type(t).__name__} {t!r}, expected an int")
             if not 0 <= t < vocab:
                 raise ValueError(f"prompt: token id {t} at position {i} is outside the vocabulary [0, {vocab})")
         ids[:] = [int(t) for t in ids]

@@ -7,6 +7,7 @@ more than `max_num_seqs` full-context sequences need.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +58,9 @@ def choose_num_blocks(config, *, block_size: int, dtype: torch.dtype, device: to
             memory_bytes = DEFAULT_CPU_KV_MEMORY
         n = min(num_blocks_for_memory(config, block_size, dtype, memory_bytes), useful)
     else:
-        if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, (int, float)) or memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory: expected a number of bytes > 0, got {memory_bytes!r}")
+        if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, (int, float)) \
+                or not math.isfinite(memory_bytes) or memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory: expected a finite number of bytes > 0, got {memory_bytes!r}")
         n = num_blocks_for_memory(config, block_size, dtype, memory_bytes)
     if n < 1:
         per = bytes_per_block(config, block_size, dtype)
@@ -72,7 +74,7 @@ def allocate_kv_cache(config, num_blocks: int, block_size: int, dtype: torch.dty
     shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
     try:
         buf = torch.zeros(shape, dtype=dtype, device=device)
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:  # the CPU allocator raises RuntimeError
         per = bytes_per_block(config, block_size, dtype)
         raise MemoryError(f"KV cache of {num_blocks} blocks ({num_blocks * per / 2**20:.0f} MiB) does not fit on "
                           f"{device}; pass a smaller num_kv_blocks or kv_cache_memory") from e

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+import torch
+
 from .engine import Engine, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -53,8 +56,9 @@ class LLM:
                  on_output: Callable[[RequestOutput], None] | None = None) -> list[RequestOutput]:
         """Generate for each prompt; returns the final outputs in the order of the prompts.
 
-        prompts: a str, a list of str, a list of token ids, or a list of lists of token ids; with chat=True also
-            one conversation (a list of {"role", "content"} dicts) or a list of them.
+        prompts: a str, a list of str, token ids (a list or tuple of ints or numpy integers, a 1-D numpy array
+            or tensor: the types `Engine.add_request` takes), or a list of those (or a 2-D array, one per row); with
+            chat=True also one conversation (a list of {"role", "content"} dicts) or a list of them.
         chat: apply the model's chat template to each (text) prompt, as a single user message (or to each list of
             {"role", "content"} messages).
         chat_template_kwargs: extra variables of the chat template for every prompt, e.g. {"enable_thinking":
@@ -67,11 +71,15 @@ class LLM:
         requests and drops their undelivered outputs before it propagates: the engine is left as if the call had
         not been made, and the next call starts clean.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (int, dict))):
+        if isinstance(prompts, (torch.Tensor, np.ndarray)):  # one prompt of ids, or one per row
+            prompts = [prompts] if prompts.ndim == 1 else list(prompts)
+        elif isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                          and isinstance(prompts[0], (int, np.integer, dict))
+                                          and not isinstance(prompts[0], bool)):
             prompts = [prompts]  # one prompt: text, token ids, or (chat) one conversation of message dicts
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts: expected a str, a list of str, a list of token ids or a list of those; got "
-                             f"{prompts!r}")
+            raise ValueError("prompts: expected a str, a list of str, token ids (ints, numpy integers, a 1-D array "
+                             f"or tensor) or a list of those; got {type(prompts).__name__}")
         if sampling_params is None:
             sampling_params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop, ignore_eos=ignore_eos)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)

@@ -19,15 +19,18 @@ Canonical weights (V vocab, H hidden, I intermediate, nq/nkv heads, hd head_dim)
     layers.{i}.down_proj [H, I]
 Weights stream one tensor at a time from the files into their (preallocated) place on the device, so the
 host never holds the checkpoint twice. A matrix may instead be a `QuantizedWeight` (GGUF Q8_0/Q4_0/Q4_1 blocks,
-AWQ/GPTQ layers, `quantize=`; see quantization.py): same name and shape, fused the same way. With
-`tensor_parallel=(rank, world_size)` only that rank's slices are read (distributed.ShardSpec: safetensors'
-`get_slice`, GGUF's rows or the blocks covering its columns), never a whole sharded tensor.
+AWQ/GPTQ layers, `quantize=`; see quantization.py): same name and shape, fused the same way. Files are
+checked before anything is allocated from what they declare (every safetensors header, the layer count
+against the tensors present: `check_layer_count`), and every problem is a ModelFileError naming the file
+and the field or tensor. With `tensor_parallel=(rank, world_size)` only that rank's slices are read
+(distributed.ShardSpec: safetensors' `get_slice`, GGUF's rows or the blocks covering its columns), never a
+whole sharded tensor.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -37,9 +40,11 @@ import torch
 from . import quantization as Q
 from .config import ModelConfig
 from .distributed import ShardSpec
+from .fields import ModelFileError, read_json_object, short_repr
 from .tokenizer import Tokenizer
 
-__all__ = ["LoadedModel", "load_model_files", "WeightAssembler", "expected_weight_shapes"]
+__all__ = ["LoadedModel", "load_model_files", "WeightAssembler", "expected_weight_shapes", "check_layer_count",
+           "ModelFileError"]
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -74,7 +79,8 @@ def load_model_files(
     tensor_parallel: (rank, world_size): load only that rank's slices (`LoadedModel.shard` says which); a
         ValueError naming tensor_parallel_size when the model does not split that way.
     `path` may also be a `random_model.RandomCheckpoint` (random weights of a named shape, made on the device).
-    Raises FileNotFoundError for a missing file, ValueError for anything malformed or unsupported.
+    Raises FileNotFoundError for a missing file, ModelFileError (a ValueError naming the file and the field
+    or tensor) for anything malformed or unsupported, ValueError for a bad argument.
     """
     if dtype not in _COMPUTE_DTYPES:
         raise ValueError(f"dtype: expected float32/float16/bfloat16, got {dtype!r}")
@@ -108,9 +114,21 @@ def _quantized_as_asked(loaded: LoadedModel, quantize: str | None, keep: bool, d
     return loaded
 
 
+def _file_kind(path: str) -> str:
+    """"file", "dir", or what else `path` is (a device, a pipe...), without opening it."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return ("character device" if stat.S_ISCHR(mode) else "block device" if stat.S_ISBLK(mode)
+            else "named pipe" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "special file")
+
+
 def _gguf_in(path: str) -> str | None:
-    """The GGUF file `path` names (a file, or a directory with exactly one .gguf), else None."""
-    if os.path.isfile(path):
+    """The GGUF file `path` names (a file, or a directory with exactly one .gguf file), else None."""
+    kind = _file_kind(path)
+    if kind == "file":
         if path.endswith(".gguf"):
             return path
         with open(path, "rb") as f:
@@ -118,16 +136,17 @@ def _gguf_in(path: str) -> str | None:
         if magic == b"GGUF":
             return path
         hint = " (pass the directory that holds it and its config.json)" if path.endswith(".safetensors") else ""
-        raise ValueError(
-            f"{path}: expected a Hugging Face model directory or a .gguf file (got a file that is neither){hint}"
-        )
+        raise ModelFileError(path, None, "expected a Hugging Face model directory or a .gguf file (got a file that "
+                             f"is neither){hint}")
+    if kind != "dir":
+        raise ModelFileError(path, None, f"expected a Hugging Face model directory or a .gguf file, got a {kind}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return None
-    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf") and os.path.isfile(os.path.join(path, f)))
     if len(ggufs) == 1:
         return os.path.join(path, ggufs[0])
     if len(ggufs) > 1:
-        raise ValueError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); pass the one to load")
+        raise ModelFileError(path, None, f"holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); pass the one to load")
     raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory) and no .gguf file")
 
 
@@ -156,6 +175,19 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_layer_count(config: ModelConfig, layers_present: set[int], *, source: str, key: str) -> None:
+    """Refuse a config whose layer count disagrees with the checkpoint's tensors, before anything is
+    allocated per layer (a declared count of 10**9 must not build 10**9 of anything).
+
+    layers_present: the layer indices that have at least one tensor in the checkpoint.
+    """
+    found = max(layers_present) + 1 if layers_present else 0
+    if config.num_layers > found:
+        raise ModelFileError(source, key, f"declares {config.num_layers} layers, but the checkpoint has tensors for "
+                             f"{found} (layers 0..{found - 1})" if found else
+                             f"declares {config.num_layers} layers, but the checkpoint has no layer tensors")
+
+
 def _part_rows(config: ModelConfig, part: str) -> tuple[int, int]:
     """Row range of a fused part: q/k/v in qkv_proj (and qkv_bias), gate/up in gate_up_proj."""
     q, kv, i = config.q_size, config.kv_size, config.intermediate_size
@@ -167,11 +199,14 @@ class WeightAssembler:
 
     put(name, part, tensor, source) copies `tensor` (any dtype, on the host) into canonical weight `name`,
     whole (part=None) or as its q/k/v/gate/up rows; finish() checks every weight was fully written.
-    `source` (the checkpoint's own tensor name, quoted, and where it is) is what error messages name.
+    `source` (the checkpoint's own tensor name, quoted, and where it is) is what error messages name, after
+    `checkpoint` (the file or directory): errors are ModelFileErrors.
     """
 
-    def __init__(self, config: ModelConfig, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, *, device: torch.device, dtype: torch.dtype,
+                 checkpoint: str = "the checkpoint") -> None:
         self.config = config
+        self.checkpoint = checkpoint  # the file or directory, for error messages
         self.device = device
         self.dtype = dtype
         self._shapes = expected_weight_shapes(config)
@@ -179,25 +214,32 @@ class WeightAssembler:
         self._written: dict[str, dict[str | None, str]] = {}  # name -> part -> source
         self._quantized: dict[str, list] = {}  # name -> [(row_lo, row_hi, QuantizedWeight)], fused in finish()
 
-    def put(self, name: str, part: str | None, tensor: torch.Tensor, source: str) -> None:
+    def check(self, name: str, part: str | None, shape: tuple[int, ...], source: str) -> None:
+        """Refuse a tensor that is not weight `name` (`part`) of this config, before its data is read."""
         if name not in self._shapes:
-            raise ValueError(f"unexpected tensor {source}: this {self.config.architecture} config has no "
-                             f"weight {name!r}")
+            raise ModelFileError(self.checkpoint, None, f"unexpected tensor {source}: this "
+                                 f"{self.config.architecture} config has no weight {name!r}")
         full = self._shapes[name]
         if part is None:
             want = full
         else:
             lo, hi = _part_rows(self.config, part)
             want = (hi - lo, *full[1:])
-        if tuple(tensor.shape) != want:
-            raise ValueError(f"tensor {source}: expected shape {list(want)} (from the model config), got {list(tensor.shape)}")
+        if tuple(shape) != want:
+            raise ModelFileError(self.checkpoint, None, f"tensor {source}: expected shape {list(want)} (from the "
+                                 f"model config), got {list(shape)}")
+
+    def put(self, name: str, part: str | None, tensor: torch.Tensor, source: str) -> None:
+        self.check(name, part, tuple(tensor.shape), source)
+        full = self._shapes[name]
         if isinstance(tensor, Q.QuantizedWeight):
             self._record(name, part, source)
             lo, hi = (0, full[0]) if part is None else _part_rows(self.config, part)
             self._quantized.setdefault(name, []).append((lo, hi, tensor.to(self.device)))
             return
         if not tensor.is_floating_point():
-            raise ValueError(f"tensor {source}: expected a floating-point tensor, got {tensor.dtype}")
+            raise ModelFileError(self.checkpoint, None, f"tensor {source}: expected a floating-point tensor, got "
+                                 f"{tensor.dtype}")
         self._record(name, part, source)
         dest = self._weights.get(name)
         if dest is None:
@@ -210,7 +252,7 @@ class WeightAssembler:
     def _record(self, name: str, part: str | None, source: str) -> None:
         parts = self._written.setdefault(name, {})
         if part in parts:
-            raise ValueError(f"tensor {source}: given twice (also as {parts[part]})")
+            raise ModelFileError(self.checkpoint, None, f"tensor {source}: given twice (also as {parts[part]})")
         parts[part] = source
 
     def finish(self, source_name_of: dict[tuple[str, str | None], str]) -> dict[str, torch.Tensor]:
@@ -227,7 +269,8 @@ class WeightAssembler:
                 parts = (None,)
             for part in parts:
                 if part not in self._written.get(name, {}):
-                    raise ValueError(f"missing tensor {source_name_of.get((name, part), name)!r} in the checkpoint")
+                    raise ModelFileError(self.checkpoint, None, f"missing tensor "
+                                         f"{source_name_of.get((name, part), name)!r} in the checkpoint")
         for name, parts in self._quantized.items():  # quantized parts: stacked, or decoded next to dense ones
             self._weights[name] = Q.assemble_fused(parts, self._weights.get(name), self._shapes[name], self.dtype,
                                                    self.device)
@@ -259,7 +302,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ---------------------------------------------------------------------- Hugging Face directories
 
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HF_LAYER = re.compile(r"model\.layers\.(\d{1,9})\.(.+)")  # at most 9 digits: int() stays cheap
 _HF_LAYER_NAMES = {
     "input_layernorm.weight": ("input_norm", None),
     "post_attention_layernorm.weight": ("post_attn_norm", None),
@@ -283,7 +326,7 @@ _HF_TOP_NAMES = {
 }
 
 
-def hf_canonical_name(hf_name: str, config: ModelConfig) -> tuple[str, str | None] | None:
+def hf_canonical_name(hf_name: str, config: ModelConfig, checkpoint: str = "checkpoint") -> tuple[str, str | None] | None:
     """(canonical name, part) of a Hugging Face tensor name; None for tensors that carry no weights."""
     if hf_name in _HF_TOP_NAMES:
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -297,8 +340,8 @@ def hf_canonical_name(hf_name: str, config: ModelConfig) -> tuple[str, str | Non
         if rest in _HF_LAYER_NAMES and layer < config.num_layers:
             name, part = _HF_LAYER_NAMES[rest]
             return f"layers.{layer}.{name}", part
-    raise ValueError(f"unexpected tensor {hf_name!r} in the checkpoint (not part of a {config.architecture} "
-                     f"with {config.num_layers} layers and the options in config.json)")
+    raise ModelFileError(checkpoint, None, f"unexpected tensor {short_repr(hf_name)} in the checkpoint (not part of "
+                         f"a {config.architecture} with {config.num_layers} layers and the options in config.json)")
 
 
 def _hf_source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
@@ -309,31 +352,24 @@ def _hf_source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
     return names
 
 
-def _read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.path.dirname(path) or '.'}: missing {what} ({os.path.basename(path)})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def safetensors_files(path: str) -> list[str]:
     """The safetensors files of a Hugging Face directory, in load order; checks that every shard exists."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no 'weight_map' (tensor name -> shard file)")
+            raise ModelFileError(index, "weight_map", f"expected a non-empty object (tensor name -> shard file), "
+                                 f"got {short_repr(weight_map)}")
         files = []
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise ModelFileError(index, f"weight_map[{short_repr(name)}]",
+                                     f"expected a shard file name (a string), got {short_repr(shard)}")
         for shard in dict.fromkeys(weight_map.values()):
+            if os.path.basename(shard) != shard or "\0" in shard or not shard.endswith(".safetensors"):
+                raise ModelFileError(index, "weight_map", f"shard name {short_repr(shard)} is not a .safetensors "
+                                     "file in the directory")
             file = os.path.join(path, shard)
-            if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
-                raise ValueError(f"{index}: shard name {shard!r} is not a .safetensors file in the directory")
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path}: missing shard {shard!r} listed in model.safetensors.index.json")
             files.append(file)
@@ -348,7 +384,7 @@ def safetensors_files(path: str) -> list[str]:
         bins = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth")))
         hint = f" (found {', '.join(bins)}: pickle checkpoints are not loaded, for safety)" if bins else ""
         raise FileNotFoundError(f"{path}: no model.safetensors{hint}")
-    raise ValueError(f"{path}: {len(found)} .safetensors files but no model.safetensors.index.json")
+    raise ModelFileError(path, None, f"{len(found)} .safetensors files but no model.safetensors.index.json")
 
 
 def _open_safetensors(file: str):
@@ -356,16 +392,20 @@ def _open_safetensors(file: str):
 
     size = os.path.getsize(file)
     if size < 8:
-        raise ValueError(f"{file}: truncated safetensors file ({size} bytes; the header length alone is 8)")
+        raise ModelFileError(file, None, f"truncated safetensors file ({size} bytes; the header length alone is 8)")
     with open(file, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
     if header_len > size - 8:
-        raise ValueError(f"{file}: truncated or corrupted safetensors header (declares {header_len} header "
-                         f"bytes, the file has {size - 8} after the length)")
+        raise ModelFileError(file, None, f"truncated or corrupted safetensors header (declares {header_len} header "
+                             f"bytes, the file has {size - 8} after the length)")
     try:
         return safe_open(file, framework="pt", device="cpu")
     except Exception as exc:  # SafetensorError is not importable under one name across versions
-        raise ValueError(f"{file}: not a valid safetensors file ({exc})") from exc
+        raise ModelFileError(file, None, f"not a valid safetensors file ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def _iter_safetensors(files: list[str], select=None) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -378,30 +418,38 @@ def _iter_safetensors(files: list[str], select=None) -> Iterator[tuple[str, str,
                 try:
                     tensor = f.get_tensor(key) if index is None else f.get_slice(key)[index]
                 except Exception as exc:
-                    raise ValueError(f"{file}: cannot read tensor {key!r} ({exc}); the file may be truncated") from exc
+                    raise ModelFileError(file, repr(key), f"cannot read the tensor ({_one_line(exc)}); the file "
+                                         "may be truncated") from exc
                 yield file, key, tensor
 
 
 def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progress: bool,
                  tensor_parallel: tuple[int, int] | None = None) -> LoadedModel:
-    raw = _read_json(os.path.join(path, "config.json"), "config.json")
+    config_file = os.path.join(path, "config.json")
+    raw = read_json_object(config_file, "config.json")
     qspec = None
     if raw.get("quantization_config") is not None:  # AWQ/GPTQ: their layers load as QuantizedWeights
         from .quantization_hf import HFQuantizedTensors, parse_quantization_config
 
         raw = dict(raw)
-        qspec = parse_quantization_config(raw.pop("quantization_config"))
+        try:
+            qspec = parse_quantization_config(raw.pop("quantization_config"))
+        except ValueError as exc:
+            raise ModelFileError(config_file, None, str(exc)) from None
     gen_file = os.path.join(path, "generation_config.json")
-    generation = _read_json(gen_file, "generation_config.json") if os.path.isfile(gen_file) else None
-    config = ModelConfig.from_hf(raw, generation)
-    tokenizer = Tokenizer.from_hf_dir(path, eos_token_ids=config.eos_token_ids)
-    config = _with_tokenizer_eos(config, tokenizer)
+    generation = read_json_object(gen_file) if os.path.isfile(gen_file) else None
+    config = ModelConfig.from_hf(raw, generation, source=config_file, generation_source=gen_file)
 
     files = safetensors_files(path)
-    counts = []
+    counts, layers = [], set()
     for file in files:  # validate every header before allocating anything
         with _open_safetensors(file) as f:
-            counts.append(len(list(f.keys())))
+            keys = list(f.keys())
+        counts.append(len(keys))
+        layers.update(int(m.group(1)) for m in map(_HF_LAYER.fullmatch, keys) if m is not None)
+    check_layer_count(config, layers, source=config_file, key="num_hidden_layers")
+    tokenizer = Tokenizer.from_hf_dir(path, eos_token_ids=config.eos_token_ids)
+    config = _with_tokenizer_eos(config, tokenizer)
     shard = None if tensor_parallel is None else ShardSpec.of(config, *tensor_parallel)
     select = None
     if shard is not None:  # this rank's slice of each tensor (None: replicated, read whole)
@@ -410,22 +458,23 @@ def _load_hf_dir(path: str, *, device: torch.device, dtype: torch.dtype, progres
                              f"layers are not cut by rows and columns yet); run them on one GPU")
 
         def select(key):
-            target = hf_canonical_name(key, config)
+            target = hf_canonical_name(key, config, path)
             return None if target is None else shard.index(*target)
 
-    assembler = WeightAssembler(config if shard is None else shard.local_config(config), device=device, dtype=dtype)
+    assembler = WeightAssembler(config if shard is None else shard.local_config(config), device=device, dtype=dtype,
+                                checkpoint=path)
     held = None if qspec is None else HFQuantizedTensors(qspec, qkv_bias=config.qkv_bias)
     with _progress(sum(counts), f"loading {os.path.basename(os.path.abspath(path))}", progress) as bar:
         for file, key, tensor in _iter_safetensors(files, select):
             source = f"{key!r} in {os.path.basename(file)}"
             for name, t in [(key, tensor)] if held is None else held.feed(key, tensor, source):
-                target = hf_canonical_name(name, config)
+                target = hf_canonical_name(name, config, path)
                 if target is not None:
                     assembler.put(target[0], target[1], t, source)
             del tensor
             bar.update(1)
         for key, weight, source in () if held is None else held.weights():
-            target = hf_canonical_name(key, config)
+            target = hf_canonical_name(key, config, path)
             if target is not None:
                 assembler.put(target[0], target[1], weight, source)
     weights = assembler.finish(_hf_source_names(config))

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .config import MAX_SIZE, SUPPORTED_ARCHITECTURES, ModelConfig
 from .distributed import ShardSpec
-from .loader import LoadedModel, WeightAssembler, _progress, _with_tokenizer_eos
+from .fields import ModelFileError, get_int, get_list, get_number, get_str, short_repr
+from .loader import LoadedModel, WeightAssembler, _progress, _with_tokenizer_eos, check_layer_count
 from .quantization import GGUF_TYPE_FORMATS, QuantizedWeight, gguf_weight
 from .tokenizer import Tokenizer
 
@@ -48,7 +49,7 @@ GGML_TYPES = {
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REFUSED_GGUF_ARCHITECTURES = {"qwen3moe": "Qwen3-MoE: mixture of experts", "qwen2moe": "Qwen2-MoE: mixture of experts"}
 
-_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+_LAYER = re.compile(r"blk\.(\d{1,9})\.(.+)")  # at most 9 digits: int() stays cheap
 _LAYER_NAMES = {
     "attn_norm.weight": ("input_norm", None),
     "ffn_norm.weight": ("post_attn_norm", None),
@@ -133,6 +134,19 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 _VALUE_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
                  10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
+MAX_ARRAY_DEPTH = 4  # arrays of arrays of ... (no llama.cpp key nests at all)
+MAX_DIMS = 4         # GGML_MAX_DIMS
+
+# Block layout of every ggml tensor type (elements per block, bytes per block), the ones trinfer cannot
+# dequantize included: the reader checks every tensor's byte size and offset against it, and refuses a
+# type id that ggml does not have.
+GGML_BLOCK_LAYOUT = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+}
 
 
 @dataclass(frozen=True)
@@ -148,15 +162,26 @@ class GGUFTensor:
         return GGML_TYPES[self.ggml_type][0] if self.ggml_type in GGML_TYPES else f"ggml type {self.ggml_type}"
 
 
+def _error(path: str, key: str | None, message: str) -> ModelFileError:
+    if key is not None and key.startswith("tensor "):  # "FILE: tensor 'x' has ...", reads better than "...': has"
+        error = ModelFileError(path, None, f"{key} {message}")
+        error.key = key
+        return error
+    return ModelFileError(path, key, message)
+
+
 class _Cursor:
-    """Little-endian reads from the memory map, with an error naming the file when it ends early."""
+    """Little-endian reads from the memory map, with an error naming the file (and the field) when it ends early."""
 
     def __init__(self, buf: mmap.mmap, path: str) -> None:
         self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+        self.key: str | None = None  # the metadata key or tensor being read, for messages
 
     def _need(self, n: int) -> None:
         if self.pos + n > self.size:
-            raise ValueError(f"{self.path}: truncated GGUF file (metadata runs past the end at byte {self.size})")
+            if self.key is None:
+                raise _error(self.path, None, f"truncated GGUF file (metadata runs past the end at byte {self.size})")
+            raise _error(self.path, self.key, f"runs past the end of the file at byte {self.size}: truncated GGUF file")
 
     def scalar(self, fmt: str, n: int):
         self._need(n)
@@ -172,19 +197,25 @@ class _Cursor:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{self.path}: a metadata string is not valid UTF-8 ({exc})") from exc
+            raise _error(self.path, self.key, f"a metadata string is not valid UTF-8 ({exc})") from exc
 
-    def value(self, kind: int):
+    def value(self, kind: int, depth: int = 0):
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise _error(self.path, self.key, f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
             item, count = self.scalar("<I", 4), self.scalar("<Q", 8)
+            # The smallest encoding of one item: a string's length, an array's type and count, a scalar.
+            smallest = 8 if item == _STRING else 12 if item == _ARRAY else self._dtype(item).itemsize
+            if count * smallest > self.size - self.pos:
+                raise _error(self.path, self.key, f"array of {count} items of type {item} does not fit in the "
+                             f"{self.size - self.pos} bytes left in the file (corrupted or truncated)")
             if item == _STRING:
                 return [self.string() for _ in range(count)]
             if item == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
+                return [self.value(_ARRAY, depth + 1) for _ in range(count)]
             dtype = self._dtype(item)
-            self._need(count * dtype.itemsize)
             values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
             self.pos += count * dtype.itemsize
             return values.astype(bool).tolist() if item == _BOOL else values.tolist()
@@ -196,13 +227,20 @@ class _Cursor:
 
     def _dtype(self, kind: int) -> np.dtype:
         if kind not in _VALUE_DTYPES:
-            raise ValueError(f"{self.path}: corrupted GGUF metadata (unknown value type {kind} at byte {self.pos})")
+            raise _error(self.path, self.key, f"corrupted GGUF metadata (unknown value type {kind} at byte {self.pos})")
         return np.dtype(_VALUE_DTYPES[kind])
 
 
 class GGUFFile:
     """A GGUF file's metadata (plain Python values) and tensor directory, over a read-only memory map.
 
+    Parsing checks the file's structure, so that a malformed file is refused here with a ModelFileError
+    naming the key or tensor: counts that cannot fit in the file, duplicate keys, unknown value types,
+    arrays nested more than MAX_ARRAY_DEPTH deep, a general.alignment that is not a power of two, tensors
+    without dims or with a zero dim, more than MAX_DIMS dims, types ggml does not have, rows that are not
+    whole quantization blocks, and tensor data that is not laid out as llama.cpp requires (each tensor's
+    bytes right after the previous one's, in directory order, padded to the alignment): so overlapping or
+    misaligned data, and a declared type whose byte size does not match the room the data takes, are refused.
     raw(tensor) gives a tensor's bytes as a uint8 torch tensor without copying them.
     """
 
@@ -212,56 +250,81 @@ class GGUFFile:
         with open(path, "rb") as f:
             head = f.read(8)
             if head[:4] != b"GGUF":
-                raise ValueError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+                raise _error(path, None, f"not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
             if size < 24:
-                raise ValueError(f"{path}: truncated GGUF file ({size} bytes)")
+                raise _error(path, None, f"truncated GGUF file ({size} bytes)")
             version = int.from_bytes(head[4:8], "little")
             if version not in (2, 3):
                 hint = " (a big-endian file?)" if int.from_bytes(head[4:8], "big") in (2, 3) else ""
-                raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}")
+                raise _error(path, "version", f"GGUF version {version} is not supported (2 and 3 are){hint}")
             # Copy-on-write: torch can view the bytes without a read-only warning; nothing goes back to disk.
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         cur = _Cursor(self._map, path)
         cur.pos = 8
         n_tensors, n_kv = cur.scalar("<Q", 8), cur.scalar("<Q", 8)
-        if n_tensors > size or n_kv > size:
-            raise ValueError(f"{path}: corrupted GGUF header ({n_tensors} tensors, {n_kv} metadata entries)")
+        # Smallest metadata entry: key length 8, type 4, a u8 value 1; smallest tensor entry: name length 8,
+        # n_dims 4, type 4, offset 8.
+        if n_kv * 13 + n_tensors * 24 > size - 24:
+            raise _error(path, None, f"truncated GGUF file, or a corrupted header: {n_tensors} tensors and {n_kv} "
+                         f"metadata entries cannot fit in {size} bytes")
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
+            cur.key = None
             key = cur.string()
+            cur.key = key if len(key) <= 120 else short_repr(key)
+            if key in self.metadata:
+                raise _error(path, cur.key, "metadata key appears twice")
             self.metadata[key] = cur.value(cur.scalar("<I", 4))
         infos = []
         for _ in range(n_tensors):
+            cur.key = None
             name = cur.string()
+            cur.key = f"tensor {short_repr(name)}"
             n_dims = cur.scalar("<I", 4)
-            if n_dims > 8:
-                raise ValueError(f"{path}: corrupted GGUF tensor info for {name!r} ({n_dims} dims)")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise _error(path, cur.key, f"has {n_dims} dims, expected 1 to {MAX_DIMS}")
             dims = [cur.scalar("<Q", 8) for _ in range(n_dims)]
             infos.append((name, dims, cur.scalar("<I", 4), cur.scalar("<Q", 8)))
-        alignment = int(self.metadata.get("general.alignment", 32))
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise ValueError(f"{path}: general.alignment {alignment} is not a power of two")
+        alignment = self.metadata.get("general.alignment", 32)
+        if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 \
+                or alignment & (alignment - 1) or alignment > 1 << 20:
+            raise _error(path, "general.alignment", f"expected a power of two up to 2**20 (an int), got "
+                         f"{short_repr(alignment)}")
         data_start = (cur.pos + alignment - 1) // alignment * alignment
         self.tensors: dict[str, GGUFTensor] = {}
+        expected = 0  # where the next tensor's data must start, relative to data_start
+        previous = None
         for name, dims, ggml_type, offset in infos:
+            key = f"tensor {short_repr(name)}"
             if name in self.tensors:
-                raise ValueError(f"{path}: tensor {name!r} appears twice")
-            n = math.prod(dims)
-            if ggml_type in GGML_TYPES:
-                _, block, block_bytes = GGML_TYPES[ggml_type]
-                nbytes = n // block * block_bytes
-            else:
-                nbytes = 0  # refused when (and only if) the tensor is used
+                raise _error(path, key, "appears twice in the tensor directory")
+            if 0 in dims:
+                raise _error(path, key, f"has a zero dim ({dims}, innermost first)")
+            if ggml_type not in GGML_BLOCK_LAYOUT:
+                raise _error(path, key, f"has an unknown ggml type {ggml_type}")
+            block, block_bytes = GGML_BLOCK_LAYOUT[ggml_type]
+            if dims[0] % block:
+                raise _error(path, key, f"has rows of {dims[0]} elements, not whole blocks of {block} for its "
+                             f"ggml type {ggml_type}")
+            nbytes = math.prod(dims) // block * block_bytes
+            if offset != expected:
+                raise _error(path, key, _offset_problem(offset, expected, alignment, previous))
             t = GGUFTensor(name, ggml_type, tuple(reversed(dims)), data_start + offset, nbytes)
             if t.offset + t.nbytes > size:
-                raise ValueError(f"{path}: truncated GGUF file (tensor {name!r} ends at byte "
-                                 f"{t.offset + t.nbytes}, the file has {size})")
+                raise _error(path, key, f"ends at byte {t.offset + t.nbytes}, past the end of the file ({size} "
+                             "bytes): truncated GGUF file")
             self.tensors[name] = t
+            expected = offset + (nbytes + alignment - 1) // alignment * alignment
+            previous = t
+        if previous is not None and size > data_start + expected:
+            raise _error(path, f"tensor {previous.name!r}", f"is followed by {size - data_start - expected} "
+                         f"bytes (the last tensor's data ({previous.type_name}, shape {list(previous.shape)}: {previous.nbytes} "
+                         "bytes); its declared type or shape does not match the data")
 
     def raw(self, t: GGUFTensor) -> torch.Tensor:
         if t.ggml_type not in GGML_TYPES:
-            raise ValueError(f"{self.path}: tensor {t.name!r} is stored as {t.type_name}; supported: "
-                             f"{', '.join(n for n, _, _ in GGML_TYPES.values())}")
+            raise _error(self.path, f"tensor {t.name!r}", f"is stored as {t.type_name}; supported: "
+                         f"{', '.join(n for n, _, _ in GGML_TYPES.values())}")
         return self._bytes(t.offset, t.nbytes)
 
     def _bytes(self, offset: int, count: int) -> torch.Tensor:
@@ -279,8 +342,8 @@ class GGUFFile:
             return raw, t.shape, None
         _, block, block_bytes = GGML_TYPES[t.ggml_type]
         if len(t.shape) != 2:
-            raise ValueError(f"{self.path}: tensor {t.name!r} of shape {list(t.shape)} cannot be sliced by rows or "
-                             f"columns (expected a matrix)")
+            raise _error(self.path, f"tensor {t.name!r}", f"of shape {list(t.shape)} cannot be sliced by rows or "
+                         "columns (expected a matrix)")
         rows, cols = t.shape
         row_bytes = cols // block * block_bytes
         r = index[0]
@@ -299,18 +362,32 @@ class GGUFFile:
             pass  # a tensor still views the map; it closes when that is gone
 
 
+def _offset_problem(offset: int, expected: int, alignment: int, previous: GGUFTensor | None) -> str:
+    where = f"has data offset {offset}, expected {expected}"
+    if offset % alignment:
+        return f"{where}: not aligned to general.alignment {alignment}"
+    if previous is None:
+        return f"{where}: the first tensor's data must start the data section"
+    prev = f"tensor {previous.name!r} ({previous.type_name}, shape {list(previous.shape)}: {previous.nbytes} bytes)"
+    if offset < expected:
+        return f"{where}: overlaps the data of the previous {prev}"
+    return (f"{where}: leaves a gap after the previous {prev}; its declared type or shape does not match its "
+            "data (tensors' data must follow one another in directory order)")
+
+
 def read_gguf(path: str) -> GGUFFile:
     """Parse a GGUF file's header (metadata and tensor directory); tensors stay on disk until read."""
     return GGUFFile(path)
 
 
-def _meta_int(meta: dict[str, Any], key: str, default: int | None = None) -> int:
+def _meta_int(meta: dict[str, Any], key: str, source: str, default: Any = None) -> int:
+    """A positive int (no larger than MAX_SIZE) from the metadata; a per-layer list is refused by name."""
     value = meta.get(key, default)
     if value is None:
-        raise ValueError(f"GGUF: missing metadata {key!r}")
+        raise ModelFileError(source, key, "missing (required)")
     if isinstance(value, list):
-        raise ValueError(f"GGUF: metadata {key!r} varies per layer ({value[:4]}...); not supported")
-    return int(value)
+        raise ModelFileError(source, key, f"varies per layer ({short_repr(value[:4])}...); not supported")
+    return get_int({key: value}, key, source=source, minimum=1, maximum=MAX_SIZE)
 
 
 def _llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float, original: int):
@@ -346,80 +423,101 @@ def _rope_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int) -
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
     """ModelConfig from `ARCH.*` metadata (ARCH: `llama` or `qwen3`) and the tensors' presence (output.weight,
-    rope_freqs.weight)."""
-    meta, tensors = gguf.metadata, gguf.tensors
-    arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
-        why = f" ({REFUSED_GGUF_ARCHITECTURES[arch]})" if isinstance(arch, str) and arch in REFUSED_GGUF_ARCHITECTURES \
-            else ""
-        raise ValueError(f"GGUF: architecture {arch!r} is not supported{why}; supported: "
-                         f"{', '.join(map(repr, GGUF_ARCHITECTURES))}")
+    rope_freqs.weight).
+
+    Every key is read with its type checked: a ModelFileError names the file, the key, what was expected
+    and what was found. The layer count is checked against the blk.N tensors present (`check_layer_count`).
+    """
+    meta, tensors, src = gguf.metadata, gguf.tensors, gguf.path
+    arch = get_str(meta, "general.architecture", source=src, default=None)
+    if arch not in GGUF_ARCHITECTURES:
+        why = f" ({REFUSED_GGUF_ARCHITECTURES[arch]})" if arch in REFUSED_GGUF_ARCHITECTURES else ""
+        raise ModelFileError(src, "general.architecture", f"architecture {short_repr(arch)} is not supported{why}; "
+                             f"supported: {', '.join(map(repr, GGUF_ARCHITECTURES))}")
     a = arch + "."  # the prefix of the model's metadata keys
-    if meta.get(a + "expert_count"):
-        raise ValueError(f"GGUF: {a}expert_count={meta[a + 'expert_count']}: mixture-of-experts is not supported")
-    hidden = _meta_int(meta, f"{a}embedding_length")
-    heads = _meta_int(meta, f"{a}attention.head_count")
-    kv_heads = _meta_int(meta, f"{a}attention.head_count_kv", heads)
-    if heads <= 0 or (hidden % heads != 0 and f"{a}attention.key_length" not in meta):
-        raise ValueError(f"GGUF: embedding_length {hidden} is not a multiple of head_count {heads}")
-    head_dim = _meta_int(meta, f"{a}attention.key_length", hidden // max(heads, 1))
-    value_dim = _meta_int(meta, f"{a}attention.value_length", head_dim)
+    experts = meta.get(a + "expert_count")
+    if experts is not None and get_int(meta, a + "expert_count", source=src, minimum=0):
+        raise ModelFileError(src, a + "expert_count", f"{experts}: mixture-of-experts is not supported")
+    hidden = _meta_int(meta, a + "embedding_length", src)
+    heads = _meta_int(meta, a + "attention.head_count", src)
+    kv_heads = _meta_int(meta, a + "attention.head_count_kv", src, heads)
+    if hidden % heads != 0 and a + "attention.key_length" not in meta:
+        raise ModelFileError(src, a + "attention.head_count", f"embedding_length {hidden} is not a multiple of "
+                             f"head_count {heads}")
+    head_dim = _meta_int(meta, a + "attention.key_length", src, hidden // heads)
+    value_dim = _meta_int(meta, a + "attention.value_length", src, head_dim)
     if value_dim != head_dim:
-        raise ValueError(f"GGUF: {a}attention.value_length {value_dim} != key_length {head_dim}: not supported")
-    rot = _meta_int(meta, f"{a}rope.dimension_count", head_dim)
+        raise ModelFileError(src, a + "attention.value_length", f"{value_dim} != key_length {head_dim}: "
+                             "not supported")
+    rot = _meta_int(meta, a + "rope.dimension_count", src, head_dim)
     if rot != head_dim:
-        raise ValueError(f"GGUF: {a}rope.dimension_count {rot} < head_dim {head_dim}: partial rotary is not "
-                         "supported")
-    theta = float(meta.get(f"{a}rope.freq_base", 10000.0))
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = _meta_int(meta, f"{a}vocab_size", len(tokens) if tokens is not None else None)
+        raise ModelFileError(src, a + "rope.dimension_count", f"{rot} < head_dim {head_dim}: partial rotary is "
+                             "not supported")
+    theta = get_number(meta, a + "rope.freq_base", source=src, default=10000.0, positive=True)
+    tokens = get_list(meta, "tokenizer.ggml.tokens", source=src, default=None)
+    vocab = _meta_int(meta, a + "vocab_size", src, len(tokens) if tokens else None)
 
     scaling = None
-    kind = meta.get(f"{a}rope.scaling.type", "none")
+    kind = get_str(meta, a + "rope.scaling.type", source=src, default="none")
     if kind == "linear":
-        if f"{a}rope.scaling.factor" not in meta:
-            raise ValueError(f"GGUF: {a}rope.scaling.type 'linear' without {a}rope.scaling.factor")
-        scaling = {"rope_type": "linear", "factor": float(meta[f"{a}rope.scaling.factor"])}
-    elif f"{a}rope.scale_linear" in meta:  # older files
-        scaling = {"rope_type": "linear", "factor": float(meta[f"{a}rope.scale_linear"])}
+        if a + "rope.scaling.factor" not in meta:
+            raise ModelFileError(src, a + "rope.scaling.factor", f"{a}rope.scaling.type 'linear' needs it")
+        scaling = {"rope_type": "linear",
+                   "factor": get_number(meta, a + "rope.scaling.factor", source=src, positive=True)}
+    elif a + "rope.scale_linear" in meta:  # older files
+        scaling = {"rope_type": "linear",
+                   "factor": get_number(meta, a + "rope.scale_linear", source=src, positive=True)}
     elif kind != "none":
-        raise ValueError(f"GGUF: {a}rope.scaling.type {kind!r} is not supported; supported: none, linear")
+        raise ModelFileError(src, None, f"{a}rope.scaling.type {short_repr(kind)} is not supported; supported: "
+                             "none, linear")
     if "rope_freqs.weight" in tensors:
         if scaling is not None:
-            raise ValueError("GGUF: both rope_freqs.weight and linear rope scaling; not supported")
+            raise ModelFileError(src, "tensor 'rope_freqs.weight'", "both rope_freqs.weight and linear rope "
+                                 "scaling; not supported")
         t = tensors["rope_freqs.weight"]
+        if t.ggml_type not in GGML_TYPES or math.prod(t.shape) != head_dim // 2:
+            raise ModelFileError(src, "tensor 'rope_freqs.weight'", f"expected {head_dim // 2} F32/F16 factors, "
+                                 f"got {t.type_name} of shape {list(t.shape)}")
         factors = dequantize(gguf.raw(t), t.ggml_type, t.shape).double().numpy()
-        scaling = _rope_scaling_from_freqs(factors, theta, head_dim)
+        try:
+            scaling = _rope_scaling_from_freqs(factors, theta, head_dim)
+        except ValueError as exc:
+            raise ModelFileError(src, "tensor 'rope_freqs.weight'", str(exc).removeprefix("GGUF: ")) from None
 
     eos = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        if meta.get(key) is not None and int(meta[key]) not in eos:
-            eos.append(int(meta[key]))
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    return ModelConfig(
+        token_id = get_int(meta, key, source=src, default=None, minimum=0, maximum=vocab - 1)
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
+    bos = get_int(meta, "tokenizer.ggml.bos_token_id", source=src, default=None, minimum=0, maximum=vocab - 1)
+    config = ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         model_type=SUPPORTED_ARCHITECTURES[GGUF_ARCHITECTURES[arch]],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=_meta_int(meta, f"{a}feed_forward_length"),
-        num_layers=_meta_int(meta, f"{a}block_count"),
+        intermediate_size=_meta_int(meta, a + "feed_forward_length", src),
+        num_layers=_meta_int(meta, a + "block_count", src),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(meta.get(f"{a}attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=get_number(meta, a + "attention.layer_norm_rms_epsilon", source=src, default=1e-5,
+                                positive=True),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=_meta_int(meta, f"{a}context_length"),
+        max_position_embeddings=_meta_int(meta, a + "context_length", src),
         tie_word_embeddings="output.weight" not in tensors,
         qkv_bias=False,
         qk_norm=arch == "qwen3",
-        bos_token_id=None if bos is None else int(bos),
+        bos_token_id=bos,
         eos_token_ids=tuple(eos),
         checkpoint_dtype=torch.float32,
     )
+    layers = {int(m.group(1)) for m in map(_LAYER.fullmatch, tensors) if m is not None}
+    check_layer_count(config, layers, source=src, key=a + "block_count")
+    return config
 
 
-def gguf_canonical_name(name: str, config: ModelConfig) -> tuple[str, str | None] | None:
+def gguf_canonical_name(name: str, config: ModelConfig, source: str = "GGUF") -> tuple[str, str | None] | None:
     """(canonical name, part) of a GGUF tensor name; None for rope_freqs (read into the config)."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
@@ -429,8 +527,8 @@ def gguf_canonical_name(name: str, config: ModelConfig) -> tuple[str, str | None
     if match is not None and int(match.group(1)) < config.num_layers and match.group(2) in _LAYER_NAMES:
         canon, part = _LAYER_NAMES[match.group(2)]
         return f"layers.{match.group(1)}.{canon}", part
-    raise ValueError(f"GGUF: unexpected tensor {name!r} (not part of a {config.model_type} model with "
-                     f"{config.num_layers} layers)")
+    raise ModelFileError(source, None, f"unexpected tensor {short_repr(name)} (not part of a {config.model_type} "
+                         f"model with {config.num_layers} layers)")
 
 
 def _source_names(config: ModelConfig) -> dict[tuple[str, str | None], str]:
@@ -450,19 +548,21 @@ def load_gguf(path: str, *, device: torch.device, dtype: torch.dtype, progress: 
     gguf = read_gguf(path)
     try:
         config = gguf_config(gguf)
-        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, eos_token_ids=config.eos_token_ids)
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, eos_token_ids=config.eos_token_ids, source=path)
         config = _with_tokenizer_eos(config, tokenizer)
         shard = None if tensor_parallel is None else ShardSpec.of(config, *tensor_parallel)
         local = config if shard is None else shard.local_config(config)  # whole heads: unpermute per local head
-        assembler = WeightAssembler(local, device=device, dtype=dtype)
+        assembler = WeightAssembler(local, device=device, dtype=dtype, checkpoint=path)
         permuted = config.architecture == "LlamaForCausalLM"  # llama.cpp's q/k row order (see the docstring)
         with _progress(len(gguf.tensors), f"loading {os.path.basename(path)}", progress) as bar:
             for t in gguf.tensors.values():
-                target = gguf_canonical_name(t.name, config)
+                target = gguf_canonical_name(t.name, config, path)
                 if target is not None:
                     # One tensor's bytes (this rank's part of them) at a time leave the memory map;
                     # dequantization runs on the device.
                     raw, shape, keep = gguf.raw_slice(t, None if shard is None else shard.index(*target))
+                    assembler.check(target[0], target[1],
+                                    shape if keep is None else (shape[0], keep.stop - keep.start), repr(t.name))
                     if keep_quantized and t.type_name in GGUF_TYPE_FORMATS and len(shape) == 2 and \
                             (keep is None or keep == slice(0, shape[1])):
                         weight = gguf_weight(raw.to(device, copy=True), t.type_name, shape)  # off the map

@@ -7,18 +7,27 @@ model's `add_bos_token` / `add_eos_token`, so a tokenizer.json whose template al
 
 `IncrementalDetokenizer` turns a stream of token ids into text pieces that never end in half a UTF-8
 character; their concatenation equals the decoded ids.
+
+Untrusted input: every field of the tokenizer files is read with its type checked (`fields`), errors name
+the file and key (ModelFileError); chat templates render within limits (`chat_template`); text that is not
+valid Unicode (lone surrogates, as undecodable bytes on a command line become) is refused with a ValueError;
+`exceeds()` tells, cheaply, when a long text certainly has more tokens than a limit.
 """
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "gguf_tokenizer_backend"]
+from .chat_template import ChatTemplate, ChatTemplateError, TemplateLimits
+from .fields import (ModelFileError, get_bool, get_int, get_list, get_str, is_int, is_number, read_json_object,
+                     short_repr)
+
+__all__ = ["Tokenizer", "IncrementalDetokenizer", "gguf_tokenizer_backend", "validate_text", "ChatTemplateError",
+           "TemplateLimits"]
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -65,13 +74,29 @@ def _byte_alphabet() -> dict[int, str]:
     return table
 
 
-def _token_content(value: Any) -> str | None:
+def _token_content(value: Any, source: str, key: str) -> str | None:
     """A special token as tokenizer_config.json writes it: a string, an AddedToken dict, or null."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"tokenizer_config.json: expected a token string or {{'content': ...}}, got {value!r}")
+    raise ModelFileError(source, key, f"expected a token string or {{'content': ...}}, got {short_repr(value)}")
+
+
+def validate_text(text: Any, name: str = "text") -> str:
+    """`text` if it is a str of valid Unicode; TypeError for another type, ValueError naming `name` for a
+    lone surrogate (what undecodable bytes become on a command line, or a broken UTF-16 string)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: expected str, got {type(text).__name__}")
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")  # C speed; only surrogates fail (a regex search is ~20x slower on megabytes)
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name}: not valid Unicode text: a lone surrogate U+{ord(text[exc.start]):04X} at "
+                         f"character {exc.start} (undecodable bytes, e.g. invalid UTF-8 on the command line?)") \
+            from None
+    return text
 
 
 class Tokenizer:
@@ -86,6 +111,8 @@ class Tokenizer:
         add_bos_token: bool = False,
         add_eos_token: bool = False,
         chat_template: str | None = None,
+        chat_template_origin: str = "chat_template",
+        template_limits: TemplateLimits | None = None,
     ) -> None:
         if not isinstance(backend, _Backend):
             raise TypeError(f"backend: expected a tokenizers.Tokenizer, got {type(backend).__name__}")
@@ -103,8 +130,14 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = eos
         self.add_bos_token = bool(add_bos_token)
         self.add_eos_token = bool(add_eos_token)
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ModelFileError(chat_template_origin, None, f"expected the chat template as a string, got "
+                                 f"{type(chat_template).__name__}")
         self.chat_template = chat_template
-        self._template = None  # compiled lazily
+        self.chat_template_origin = chat_template_origin  # where it came from (file and key), for errors
+        self.template_limits = template_limits or TemplateLimits()
+        self._template: ChatTemplate | None = None  # compiled lazily
+        self._max_chars_per_token: int | None | bool = False  # False: not computed yet
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -123,26 +156,29 @@ class Tokenizer:
             )
         try:
             backend = _Backend.from_file(tok_file)
-        except Exception as exc:
-            raise ValueError(f"{tok_file}: not a valid tokenizer.json ({exc})") from exc
+        except BaseException as exc:  # tokenizers raises Exception, or (a Rust panic) a BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ModelFileError(tok_file, None, f"not a valid tokenizer.json ({_one_line(exc)})") from None
         config: dict = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            config = _read_json(cfg_file)
+            config = read_json_object(cfg_file)
 
         def special_id(key: str) -> int | None:
-            content = _token_content(config.get(key))
+            content = _token_content(config.get(key), cfg_file, key)
             if content is None:
                 return None
             token_id = backend.token_to_id(content)
             if token_id is None:
-                raise ValueError(f"{cfg_file}: {key} {content!r} is not in tokenizer.json's vocabulary")
+                raise ModelFileError(cfg_file, key, f"{content!r} is not in tokenizer.json's vocabulary")
             return token_id
 
         bos = special_id("bos_token")
         eos_own = special_id("eos_token")
         eos = _known(backend, eos_token_ids) + ([eos_own] if eos_own is not None else [])
-        add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
+        add_bos = get_bool(config, "add_bos_token", source=cfg_file, default=None)
+        add_eos = get_bool(config, "add_eos_token", source=cfg_file, default=None)
         if add_bos is None or add_eos is None:
             # No flag: the tokenizer.json's own post-processor says what the model was trained with.
             plain = backend.encode("a", add_special_tokens=False).ids
@@ -151,25 +187,32 @@ class Tokenizer:
                 add_bos = bos is not None and len(full) > len(plain) and full[0] == bos
             if add_eos is None:
                 add_eos = eos_own is not None and len(full) > len(plain) and full[-1] == eos_own
-        template = _chat_template_from_dir(path, config)
+        template, origin = _chat_template_from_dir(path, config, cfg_file)
         return cls(backend, bos_token_id=bos, eos_token_ids=eos, add_bos_token=bool(add_bos),
-                   add_eos_token=bool(add_eos), chat_template=template)
+                   add_eos_token=bool(add_eos), chat_template=template, chat_template_origin=origin)
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
-        """Build from a GGUF's metadata as plain Python values (keys "tokenizer.ggml.tokens", ...)."""
-        backend = gguf_tokenizer_backend(meta)
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        eos_own = meta.get("tokenizer.ggml.eos_token_id")
-        eos = _known(backend, eos_token_ids) + ([int(eos_own)] if eos_own is not None else [])
-        if "tokenizer.ggml.add_bos_token" in meta:
-            add_bos = bool(meta["tokenizer.ggml.add_bos_token"])
-        else:  # llama.cpp's default: sentencepiece vocabularies add BOS, byte-level ones do not
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, eos_token_ids: Iterable[int] = (),
+                           source: str = "GGUF") -> "Tokenizer":
+        """Build from a GGUF's metadata as plain Python values (keys "tokenizer.ggml.tokens", ...).
+
+        source: the file, for error messages (ModelFileError naming it and the key).
+        """
+        backend = gguf_tokenizer_backend(meta, source=source)
+        vocab = len(meta["tokenizer.ggml.tokens"])
+        bos = get_int(meta, "tokenizer.ggml.bos_token_id", source=source, default=None, minimum=0,
+                      maximum=vocab - 1)
+        eos_own = get_int(meta, "tokenizer.ggml.eos_token_id", source=source, default=None, minimum=0,
+                          maximum=vocab - 1)
+        eos = _known(backend, eos_token_ids) + ([eos_own] if eos_own is not None else [])
+        add_bos = get_bool(meta, "tokenizer.ggml.add_bos_token", source=source, default=None)
+        if add_bos is None:  # llama.cpp's default: sentencepiece vocabularies add BOS, byte-level ones do not
             add_bos = meta.get("tokenizer.ggml.model") == "llama"
-        add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-        return cls(backend, bos_token_id=None if bos is None else int(bos), eos_token_ids=eos,
-                   add_bos_token=add_bos and bos is not None, add_eos_token=add_eos,
-                   chat_template=meta.get("tokenizer.chat_template"))
+        add_eos = get_bool(meta, "tokenizer.ggml.add_eos_token", source=source, default=False)
+        template = get_str(meta, "tokenizer.chat_template", source=source, default=None)
+        return cls(backend, bos_token_id=bos, eos_token_ids=eos, add_bos_token=add_bos and bos is not None,
+                   add_eos_token=add_eos, chat_template=template,
+                   chat_template_origin=f"{source}: tokenizer.chat_template")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json to a directory (readable by from_hf_dir and transformers).
@@ -213,17 +256,62 @@ class Tokenizer:
         """Token ids of `text`; with add_special_tokens, BOS/EOS as the model adds them.
 
         Special-token text inside `text` (e.g. "<|im_start|>") becomes the special token, as in the chat
-        template's output.
+        template's output. TypeError for a non-str, ValueError for text that is not valid Unicode.
         """
-        if not isinstance(text, str):
-            raise TypeError(f"text: expected str, got {type(text).__name__}")
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._backend.encode(validate_text(text), add_special_tokens=False).ids
         if add_special_tokens:
             if self.add_bos_token:
                 ids = [self.bos_token_id, *ids]
             if self.add_eos_token:
                 ids.append(self.eos_token_ids[0])
         return ids
+
+    @property
+    def num_special_tokens_added(self) -> int:
+        """Tokens encode(add_special_tokens=True) adds around the text (BOS and/or EOS)."""
+        return int(self.add_bos_token) + int(self.add_eos_token)
+
+    # Texts up to this many characters per allowed token (plus a constant) are simply tokenized.
+    _EXCEEDS_START_CHARS_PER_TOKEN = 4
+    _EXCEEDS_START_CHARS = 4096
+
+    def exceeds(self, text: str, limit: int) -> int | None:
+        """A number of tokens that `text` (without BOS/EOS) certainly has beyond `limit`, or None when not sure.
+
+        Cheap for long texts: it never tokenizes more than a prefix of about 4x the length at which the
+        answer is known. The bounds used are sound:
+        - when every token stands for at most L characters (`max_chars_per_token`, known for BPE vocabularies
+          that cover every byte, with no normalizer and no pre-tokenizer or added token that drops or absorbs
+          text), a text of n characters has at least ceil(n / L) tokens;
+        - the pre-tokenizer splits text into words that are tokenized one by one, so the words of a prefix
+          that end before its last two words get the same tokens in the whole text: their count is a lower
+          bound. Prefixes of 4x, 16x, ... the limit are tried, so the cost stays proportional to the limit.
+        None means: tokenize in full to know (the text has no word boundaries the bound can use, or fits).
+        """
+        n = len(validate_text(text))
+        if n <= self._EXCEEDS_START_CHARS_PER_TOKEN * limit + self._EXCEEDS_START_CHARS:
+            return None
+        per_token = self.max_chars_per_token
+        if per_token is not None and n > limit * per_token:
+            return -(-n // per_token)
+        cut = self._EXCEEDS_START_CHARS_PER_TOKEN * limit + self._EXCEEDS_START_CHARS
+        while cut < n:
+            words = self._backend.encode(text[:cut], add_special_tokens=False).word_ids
+            last = max((w for w in words if w is not None), default=None)
+            if last is not None:
+                sure = sum(1 for w in words if w is not None and w < last - 1)
+                if sure > limit:
+                    return sure
+            cut *= 4
+        return None
+
+    @property
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of text one token can stand for, when that bound is sound (see `exceeds`);
+        None when this tokenizer can map text of any length to one token or drop text."""
+        if self._max_chars_per_token is False:
+            self._max_chars_per_token = _max_chars_per_token(self._backend)
+        return self._max_chars_per_token
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids outside the tokenizer's vocabulary (a padded embedding) decode to nothing."""
@@ -252,8 +340,16 @@ class Tokenizer:
         for index, message in enumerate(messages):
             if "role" not in message:
                 raise ValueError(f"messages[{index}]: missing 'role'")
+            for key, value in message.items():
+                if isinstance(value, str):
+                    validate_text(value, f"messages[{index}][{key!r}]")
+                    if len(value) > self.template_limits.max_chars:
+                        raise ValueError(f"messages[{index}][{key!r}]: {len(value)} characters, more than the chat "
+                                         f"template's limit of {self.template_limits.max_chars} (a prompt that "
+                                         "long cannot fit a context anyway)")
         if self._template is None:
-            self._template = _compile_template(self.chat_template)
+            self._template = ChatTemplate(self.chat_template, origin=self.chat_template_origin,
+                                          limits=self.template_limits)
         bos = self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -312,122 +408,127 @@ def _known(backend: _Backend, ids: Iterable[int]) -> list[int]:
     return [t for t in ids if isinstance(t, int) and backend.id_to_token(t) is not None]
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
-def _chat_template_from_dir(path: str, config: Mapping[str, Any]) -> str | None:
+def _chat_template_from_dir(path: str, config: Mapping[str, Any], cfg_file: str) -> tuple[str | None, str]:
+    """(template source or None, where it came from) for a Hugging Face directory."""
     jinja_file = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja_file):  # transformers >= 4.43 may write the template to its own file
-        with open(jinja_file, encoding="utf-8") as f:
-            return f.read()
-    template = config.get("chat_template")
+        try:
+            with open(jinja_file, encoding="utf-8") as f:
+                return f.read(), jinja_file
+        except UnicodeDecodeError as exc:
+            raise ModelFileError(jinja_file, None, f"not valid UTF-8 ({exc})") from None
+    template, origin = config.get("chat_template"), f"{cfg_file}: chat_template"
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        template = named.get("default")
+        get_list(config, "chat_template", source=cfg_file, item_name='objects {"name": str, "template": str}',
+                 item=lambda t: isinstance(t, Mapping) and isinstance(t.get("name"), str)
+                 and isinstance(t.get("template"), str))
+        named = {t["name"]: t["template"] for t in template}
+        template, origin = named.get("default"), f"{cfg_file}: chat_template['default']"
     if template is None:
         json_file = os.path.join(path, "chat_template.json")
         if os.path.isfile(json_file):
-            template = _read_json(json_file).get("chat_template")
+            template, origin = read_json_object(json_file).get("chat_template"), f"{json_file}: chat_template"
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{path}: chat_template must be a string, got {type(template).__name__}")
-    return template
+        raise ModelFileError(origin, None, f"expected the chat template as a string, got {type(template).__name__}")
+    return template, origin
 
 
-def _compile_template(source: str):
-    """Compile a chat template in a sandbox (templates come with downloaded models: no file or code access)."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def gguf_tokenizer_backend(meta: Mapping[str, Any], *, source: str = "GGUF") -> _Backend:
+    """A tokenizers.Tokenizer from GGUF metadata: byte-level BPE ("gpt2") or sentencepiece BPE ("llama").
 
-    def raise_exception(message: str):
-        raise ValueError(f"chat template: {message}")
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols],
-                                        undefined=jinja2.Undefined)
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(f"chat template: invalid Jinja at line {exc.lineno}: {exc.message}") from exc
-
-
-def gguf_tokenizer_backend(meta: Mapping[str, Any]) -> _Backend:
-    """A tokenizers.Tokenizer from GGUF metadata: byte-level BPE ("gpt2") or sentencepiece BPE ("llama")."""
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise ValueError("GGUF: no tokenizer.ggml.tokens in the metadata; the file carries no tokenizer")
-    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    source: the file, named with the key in every ModelFileError.
+    """
+    kind = get_str(meta, "tokenizer.ggml.model", source=source, default=None)
+    if meta.get("tokenizer.ggml.tokens") is None:
+        raise ModelFileError(source, "tokenizer.ggml.tokens", "no tokenizer.ggml.tokens in the metadata; the file "
+                             "carries no tokenizer")
+    tokens = get_list(meta, "tokenizer.ggml.tokens", source=source, item=lambda t: isinstance(t, str) and t != "",
+                      item_name="non-empty strings")
+    if not tokens:
+        raise ModelFileError(source, "tokenizer.ggml.tokens", "the vocabulary is empty")
+    types = get_list(meta, "tokenizer.ggml.token_type", source=source, default=None, item=is_int,
+                     item_name="ints") or [_NORMAL] * len(tokens)
     if len(types) != len(tokens):
-        raise ValueError(f"GGUF: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        raise ModelFileError(source, "tokenizer.ggml.token_type", f"has {len(types)} entries for {len(tokens)} tokens")
     if kind == "gpt2":
-        backend = _byte_level_backend(meta, tokens, types)
+        backend = _byte_level_backend(meta, tokens, types, source)
     elif kind == "llama":
-        backend = _sentencepiece_backend(meta, tokens, types)
+        backend = _sentencepiece_backend(meta, tokens, types, source)
     else:
-        raise ValueError(f"GGUF: tokenizer.ggml.model {kind!r} is not supported; supported: 'gpt2', 'llama'")
+        raise ModelFileError(source, None, f"tokenizer.ggml.model {short_repr(kind)} is not supported; supported: "
+                             "'gpt2', 'llama'")
     specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
     backend.add_special_tokens(specials)
     backend.add_tokens(user)
     if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise ValueError(
-            f"GGUF: the tokenizer built from the metadata has {backend.get_vocab_size(with_added_tokens=True)} "
-            f"tokens, the file lists {len(tokens)} (duplicate token strings?)"
+        raise ModelFileError(
+            source, "tokenizer.ggml.tokens", f"the tokenizer built from the metadata has "
+            f"{backend.get_vocab_size(with_added_tokens=True)} tokens, the file lists {len(tokens)} (duplicate token "
+            "strings?)"
         )
     return backend
 
 
-def _unique_vocab(tokens: Sequence[str]) -> dict[str, int]:
+def _unique_vocab(tokens: Sequence[str], source: str) -> dict[str, int]:
     vocab: dict[str, int] = {}
     for index, token in enumerate(tokens):
         if token in vocab:
-            raise ValueError(f"GGUF: token {token!r} appears twice in tokenizer.ggml.tokens (ids {vocab[token]}, {index})")
+            raise ModelFileError(source, "tokenizer.ggml.tokens", f"token {short_repr(token)} appears twice (ids "
+                                 f"{vocab[token]}, {index})")
         vocab[token] = index
     return vocab
 
 
-def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int]) -> _Backend:
-    pre = meta.get("tokenizer.ggml.pre")
+def _bpe(source: str, key: str, **kwargs) -> models.BPE:
+    """models.BPE(**kwargs); a refusal (or a Rust panic, which is a BaseException) names the file and key."""
+    try:
+        return models.BPE(**kwargs)
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ModelFileError(source, key, f"the vocabulary and merges do not make a BPE model ({_one_line(exc)})") \
+            from None
+
+
+def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int],
+                        source: str) -> _Backend:
+    pre = get_str(meta, "tokenizer.ggml.pre", source=source, default=None)
     if pre not in _BYTE_LEVEL_PRE:
-        raise ValueError(
-            f"GGUF: tokenizer.ggml.pre {pre!r} (the pre-tokenizer of this byte-level vocabulary) is not supported; "
-            f"supported: {sorted(k for k in _BYTE_LEVEL_PRE if k)}"
+        raise ModelFileError(
+            source, None, f"tokenizer.ggml.pre {short_repr(pre)} (the pre-tokenizer of this byte-level "
+            f"vocabulary) is not supported; supported: {sorted(k for k in _BYTE_LEVEL_PRE if k)}"
         )
     split, digits, ignore_merges = _BYTE_LEVEL_PRE[pre]
-    merges_raw = meta.get("tokenizer.ggml.merges")
-    if merges_raw is None:
-        raise ValueError("GGUF: byte-level vocabulary without tokenizer.ggml.merges")
+    if meta.get("tokenizer.ggml.merges") is None:
+        raise ModelFileError(source, "tokenizer.ggml.merges", "byte-level vocabulary without tokenizer.ggml.merges")
+    merges_raw = get_list(meta, "tokenizer.ggml.merges", source=source, item=lambda m: isinstance(m, str),
+                          item_name="strings")
     # Normal tokens are spelled in GPT-2's byte alphabet; a few converters store raw text: respell those.
     alphabet = _byte_alphabet()
     letters = set(alphabet.values())
     spelled = [t if k in (_CONTROL, _USER_DEFINED) or set(t) <= letters
                else "".join(alphabet[b] for b in t.encode("utf-8")) for t, k in zip(tokens, types)]
-    vocab = _unique_vocab(spelled)
+    vocab = _unique_vocab(spelled, source)
     merges = []
     for index, merge in enumerate(merges_raw):
         parts = merge.split(" ")
         if len(parts) != 2:
-            raise ValueError(f"GGUF: tokenizer.ggml.merges[{index}] = {merge!r} is not two tokens")
-        merges.append((parts[0], parts[1]))
-    model = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
-                       ignore_merges=ignore_merges)
+            raise ModelFileError(source, f"tokenizer.ggml.merges[{index}]", f"{short_repr(merge)} is not two tokens")
+        left, right = parts
+        for token in (left, right, left + right):
+            if token not in vocab:  # tokenizers would panic on a merge whose result it cannot look up
+                raise ModelFileError(source, f"tokenizer.ggml.merges[{index}]", f"{short_repr(merge)}: "
+                                     f"{short_repr(token)} is not in tokenizer.ggml.tokens")
+        merges.append((left, right))
+    model = _bpe(source, "tokenizer.ggml.merges", vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                 ignore_merges=ignore_merges)
     backend = _Backend(model)
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    add_prefix = get_bool(meta, "tokenizer.ggml.add_space_prefix", source=source, default=False)
     steps = []
     if digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
@@ -441,30 +542,90 @@ def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: S
     return backend
 
 
-def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int]) -> _Backend:
+# Merge candidates a sentencepiece vocabulary may imply, in characters (the merges' two strings, summed):
+# real vocabularies imply a few million; a vocabulary implying more is refused rather than built.
+MAX_SENTENCEPIECE_MERGE_CHARS = 1 << 25
+
+
+_HASH_MOD = (1 << 61) - 1  # a Mersenne prime: polynomial hashes of strings, for prefix/suffix lookups
+_HASH_BASE = 1_000_003
+
+
+def _sentencepiece_merges(tokens: Sequence[str], mergeable: dict[str, int], scores: Sequence[float],
+                          source: str) -> list[tuple[str, str]]:
+    """Every (left, right) pair of mergeable tokens whose concatenation is a mergeable token, best score first.
+
+    Linear in the vocabulary's characters plus the merges found. Each token's prefixes and suffixes are
+    looked up by polynomial hash (built one character at a time, so a cut costs O(1), not a slice of the
+    token), only at lengths some mergeable token has; only cuts whose prefix and suffix both hit are sliced,
+    and those slices are checked for real (a hash collision costs a slice, never a wrong merge). So a
+    200,000-character token costs 400,000 hash steps, not 200,000 slices of it. Refuses a vocabulary that
+    implies more than MAX_SENTENCEPIECE_MERGE_CHARS characters of merges.
+    """
+    mod, base = _HASH_MOD, _HASH_BASE
+    hashes: set[tuple[int, int]] = set()
+    lengths: set[int] = set()
+    for token in mergeable:
+        h = 0
+        for ch in token:
+            h = (h * base + ord(ch)) % mod
+        hashes.add((len(token), h))
+        lengths.add(len(token))
+    longest = max(lengths, default=0)
+    candidates = []
+    budget = MAX_SENTENCEPIECE_MERGE_CHARS
+    for token, index in mergeable.items():
+        n = len(token)
+        reach = min(n - 1, longest)
+        prefix_cuts = set()
+        h = 0
+        for i in range(reach):  # prefix token[:i+1]
+            h = (h * base + ord(token[i])) % mod
+            if i + 1 in lengths and (i + 1, h) in hashes:
+                prefix_cuts.add(i + 1)
+        if not prefix_cuts:
+            continue
+        h, power = 0, 1
+        for i in range(reach):  # suffix token[n-1-i:], of length i+1
+            h = (ord(token[n - 1 - i]) * power + h) % mod
+            power = power * base % mod
+            cut = n - 1 - i
+            if cut in prefix_cuts and i + 1 in lengths and (i + 1, h) in hashes:
+                left, right = token[:cut], token[cut:]
+                if left not in mergeable or right not in mergeable:
+                    continue  # a hash collision
+                budget -= n
+                if budget < 0:
+                    raise ModelFileError(source, "tokenizer.ggml.tokens", "the sentencepiece vocabulary implies more "
+                                         f"than {MAX_SENTENCEPIECE_MERGE_CHARS} characters of merges (at token "
+                                         f"{index}, {n} characters long); refused")
+                candidates.append((-scores[index], index, mergeable[left], mergeable[right], left, right))
+    candidates.sort()
+    return [(c[4], c[5]) for c in candidates]
+
+
+def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int],
+                           source: str) -> _Backend:
     """Sentencepiece BPE (Llama 2, TinyLlama, Mistral): merges rebuilt from the token scores.
 
     llama.cpp merges the adjacent pair whose concatenation is the best-scored token; ranking merges by that
     score gives the same order to a BPE model. Bytes missing from the vocabulary fall back to <0xXX> tokens.
     """
-    scores = meta.get("tokenizer.ggml.scores")
+    scores = get_list(meta, "tokenizer.ggml.scores", source=source, default=None, item=is_number,
+                      item_name="finite numbers")
     if scores is None or len(scores) != len(tokens):
-        raise ValueError("GGUF: sentencepiece vocabulary without one tokenizer.ggml.scores entry per token")
-    vocab = _unique_vocab(tokens)
+        raise ModelFileError(source, "tokenizer.ggml.scores", "sentencepiece vocabulary without one "
+                             "tokenizer.ggml.scores entry per token")
+    vocab = _unique_vocab(tokens, source)
     mergeable = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _USER_DEFINED, _UNUSED)}
-    candidates = []
-    for token, index in mergeable.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in mergeable and right in mergeable:
-                candidates.append((-float(scores[index]), index, mergeable[left], mergeable[right], left, right))
-    candidates.sort()
-    merges = [(c[4], c[5]) for c in candidates]
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[int(unk_id)] if unk_id is not None else None
-    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    merges = _sentencepiece_merges(tokens, mergeable, [float(x) for x in scores], source)
+    unk_id = get_int(meta, "tokenizer.ggml.unknown_token_id", source=source, default=None, minimum=0,
+                     maximum=len(tokens) - 1)
+    unk = tokens[unk_id] if unk_id is not None else None
+    model = _bpe(source, "tokenizer.ggml.tokens", vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                 byte_fallback=True)
     backend = _Backend(model)
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    add_prefix = get_bool(meta, "tokenizer.ggml.add_space_prefix", source=source, default=True)
     # Spaces become U+2581; the text (not every piece between special tokens) gets one leading U+2581.
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
@@ -475,3 +636,36 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types
     backend.decoder = decoders.Sequence(steps)
     return backend
 
+
+# Pre-tokenizers that never drop text: with them (and no normalizer), every character of the text ends up
+# in some token. Split and Punctuation qualify unless their behavior removes what they match.
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation", "UnicodeScripts"}
+
+
+def _max_chars_per_token(backend: _Backend) -> int | None:
+    """The most characters one token of `backend` can stand for, or None when no such bound is sound.
+
+    Sound when: no normalizer (which could delete text), a BPE model, pre-tokenizers that keep all text,
+    every byte covered (byte-level: the 256 byte symbols are tokens; otherwise byte fallback with the 256
+    <0xXX> tokens), so nothing is dropped or fused into an unknown token, and no added token that absorbs
+    the whitespace around it (lstrip/rstrip). Then each token is one vocabulary entry standing for at most
+    len(entry) characters of text.
+    """
+    if backend.normalizer is not None or type(backend.model).__name__ != "BPE":
+        return None
+    steps = []
+    if backend.pre_tokenizer is not None:
+        state = json.loads(backend.pre_tokenizer.__getstate__())
+        steps = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+    for step in steps:
+        if step.get("type") not in _KEEPING_PRE_TOKENIZERS or step.get("behavior") == "Removed":
+            return None
+    if any(t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values()):
+        return None
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if any(step.get("type") == "ByteLevel" for step in steps):
+        if not all(symbol in vocab for symbol in _byte_alphabet().values()):
+            return None
+    elif not (backend.model.byte_fallback and all(f"<0x{b:02X}>" in vocab for b in range(256))):
+        return None
+    return max(len(token) for token in vocab)
