@@ -69,7 +69,7 @@ def _running(batch: int, context: int, extra_tokens: int) -> tuple[Scheduler, li
     step = sched.schedule()
     assert len(step.prefill) == batch
     for s in seqs:  # the prefill's token, as the engine appends it
-        s.num_cached_tokens = s.num_tokens
+        s.num_computed_tokens = s.num_tokens
         s.append_token(7, -0.5, 0.0)
     step = sched.schedule()  # the first decode step: the new token gets its slot
     assert len(step.decode) == batch
@@ -83,7 +83,7 @@ def test_scheduler_decode(benchmark, batch):
     def step():
         st = sched.schedule()
         for s in st.decode:
-            s.num_cached_tokens = s.num_tokens
+            s.num_computed_tokens = s.num_tokens
             s.append_token(7, -0.5, 0.0)
         return st
 
@@ -116,7 +116,7 @@ def test_decode_metadata(benchmark, batch):
 
     def grow():  # untimed: the engine appends each token, the scheduler gives the next one its slot
         for s in seqs:
-            s.num_cached_tokens = s.num_tokens
+            s.num_computed_tokens = s.num_tokens
             s.append_token(7, -0.5, 0.0)
         st = sched.schedule()
         assert len(st.decode) == batch

@@ -120,7 +120,7 @@ def test_decode_buffers_incremental_equal_rebuild(max_updates):
             assert ids.tolist() == [s.last_token_id for s in running] + [0] * (size - n)
         prev = [id(s) for s in running]
         for s in running:  # this step's token
-            s.num_cached_tokens = s.num_tokens
+            s.num_computed_tokens = s.num_tokens
             s.append_token(rng.randint(1, 90), 0.0, 0.0)
             if len(s.token_ids) > 60:  # keep within 16 blocks of 4
                 bm.free(s)

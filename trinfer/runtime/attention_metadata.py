@@ -1,6 +1,6 @@
 """Per-step attention metadata: built once per forward pass and shared by every layer.
 
-A forward pass is either a prefill batch (each sequence's uncached tokens, concatenated) or a decode batch
+A forward pass is either a prefill batch (a run of each sequence's uncomputed tokens, concatenated) or a decode batch
 (one token per sequence). Decode metadata lives in static buffers allocated once (`DecodeBuffers`), so
 that a CUDA graph captured over them replays with new contents; a batch can be padded to a larger
 captured size with slot -1 (no KV write) and sequence length 0. The decode buffers are updated
@@ -30,10 +30,13 @@ class AttentionMetadata:
         block_tables  [B, max_blocks] int32  cache blocks of each sequence, in order
         seq_lens      [B] int32  tokens of each sequence in the cache once this step's K/V is written
         cu_seqlens_q  [B+1] int32  prefill: offsets of each sequence's tokens in the T dim (None in decode)
-        logits_indices [B] int64  prefill: row of each sequence's last token (None in decode: row b is b)
+        logits_indices [N] int64  prefill: row of the last token of each sequence whose run ends at its last
+                                  token, i.e. that gets a next token (None in decode: row b is b)
         max_q_len, max_seq_len: host-side maxima (launch sizes without a device sync); in a captured decode
             step max_seq_len is the graph's bound, not the batch's longest sequence
         decode_workspace: fp32 scratch of the split decode attention, allocated once (None: allocated per call)
+        prefill_plan: prefill: the attention kernel's launch plan (KV splits; `triton_kernels.PrefillPlan`), built
+            once per step for the backends that use it (None: not split)
     """
 
     is_prefill: bool
@@ -47,6 +50,7 @@ class AttentionMetadata:
     max_seq_len: int
     num_seqs: int
     decode_workspace: torch.Tensor | None = None  # decode: preallocated attention scratch (static for CUDA graphs)
+    prefill_plan: object | None = None  # prefill: PrefillPlan of the Triton attention kernel (KV splits)
 
     @property
     def num_tokens(self) -> int:
@@ -63,25 +67,37 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def build_prefill(seqs: list[Sequence], block_size: int, device: torch.device) -> tuple[torch.Tensor, AttentionMetadata]:
-    """Input ids and metadata for prefilling the uncached tokens of each sequence (whole prompts, or
-    prompt + generated tokens when recomputing after preemption)."""
+def build_prefill(seqs: list[Sequence], block_size: int, device: torch.device,
+                  num_new_tokens: list[int] | None = None, planner=None) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Input ids and metadata for prefilling a run of each sequence's uncomputed tokens: `num_new_tokens[i]`
+    tokens of seqs[i] from its `num_computed_tokens` on (default: all the rest). The run is a chunk of a long
+    prompt, a whole prompt, the part of a prompt after a cached prefix, or prompt + generated tokens when
+    recomputing after preemption. Only sequences whose run reaches their last token get a row in
+    `logits_indices` (a next token); the others only write K/V. `planner(q_lens, kv_lens)`, when given, plans
+    the prefill attention launch (`meta.prefill_plan`)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     cu = [0]
     seq_lens = []
+    q_lens = []
+    logits = []
     max_blocks = max(len(s.block_table) for s in seqs)
     tables = torch.zeros((len(seqs), max_blocks), dtype=INDEX_DTYPE)
     for i, s in enumerate(seqs):
-        start, end = s.num_cached_tokens, s.num_tokens
+        start = s.num_computed_tokens
+        end = s.num_tokens if num_new_tokens is None else start + num_new_tokens[i]
+        if not start < end <= s.num_tokens:
+            raise ValueError(f"{s!r}: cannot prefill tokens [{start}, {end}) of {s.num_tokens}")
         input_ids.extend(s.token_ids[start:end])
         positions.extend(range(start, end))
         slots.extend(_slots(s.block_table, start, end, block_size))
         cu.append(cu[-1] + end - start)
         seq_lens.append(end)
+        q_lens.append(end - start)
+        if end == s.num_tokens:
+            logits.append(cu[-1] - 1)
         tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=INDEX_DTYPE)
-    q_lens = [cu[i + 1] - cu[i] for i in range(len(seqs))]
     meta = AttentionMetadata(
         is_prefill=True,
         positions=_to_device(torch.tensor(positions, dtype=POSITION_DTYPE), device),
@@ -89,10 +105,11 @@ def build_prefill(seqs: list[Sequence], block_size: int, device: torch.device) -
         block_tables=_to_device(tables, device),
         seq_lens=_to_device(torch.tensor(seq_lens, dtype=INDEX_DTYPE), device),
         cu_seqlens_q=_to_device(torch.tensor(cu, dtype=INDEX_DTYPE), device),
-        logits_indices=_to_device(torch.tensor(cu[1:], dtype=torch.int64) - 1, device),
+        logits_indices=_to_device(torch.tensor(logits, dtype=torch.int64), device),
         max_q_len=max(q_lens),
         max_seq_len=max(seq_lens),
         num_seqs=len(seqs),
+        prefill_plan=planner(q_lens, seq_lens) if planner is not None else None,
     )
     return _to_device(torch.tensor(input_ids, dtype=torch.int64), device), meta
 

@@ -1,9 +1,12 @@
 """The engine: requests in, greedily decoded tokens and text out, one `step()` at a time.
 
 A step is schedule -> run -> postprocess:
-    schedule     the scheduler picks a prefill batch (new or preempted requests) and a decode batch
-    run          the model runner runs each batch (separate passes) and returns one token per sequence
-    postprocess  append tokens, detokenize incrementally, check the stops, free finished sequences' blocks
+    schedule     the scheduler fills the step's token budget: every running stream's next token (decode), then
+                 chunks of prompts part-way through, then new prompts from their longest cached prefix
+    run          the model runner runs the chunks (one prefill pass) and the decode batch (one decode pass); each
+                 sequence whose run reached its last token gets one token
+    postprocess  publish the blocks whose K/V is now written (prefix cache), append tokens, detokenize
+                 incrementally, check the stops, release finished sequences' blocks
 
 Decode runs one step ahead (`async_decode`, on by default): step k+1 is launched (its input ids are step k's
 argmax, still on the device; on CUDA a graph replay) before step k's tokens are read back, so the host's
@@ -31,17 +34,16 @@ from trinfer.triton_kernels.kv_cache_layout import check_block_size
 from . import tp_worker
 from .block_manager import BlockManager, blocks_needed
 from .distributed import DEFAULT_TIMEOUT_S, start_tensor_parallel, tensor_parallel_requested
+from .prefix_cache import PrefixCacheStats
 from .kv_cache import choose_num_blocks
 from .memory_plan import plan_memory
 from .model import check_cuda_kernels_available, get_backend, parse_backend
 from .model_runner import ModelRunner, PendingDecode
 from .quantization import check_quantize, quantize_weights
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler
 from .sequence import FinishReason, Sequence
 from .tokenizer import validate_text
-
-DEFAULT_MAX_BATCHED_TOKENS = 8192  # tokens per prefill batch; a longer prompt still runs, alone
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -164,10 +166,12 @@ class RequestOutput:
         are set (held back until they cannot begin a stop string); once stopped it ends before the stop string.
     delta_text / delta_token_ids: what this output adds to the previous one (for streaming).
     finish_reason: None while running, else "eos" | "length" | "stop" | "context" | "abort".
+    num_cached_tokens: prompt tokens whose K/V came from the prefix cache when the request was admitted (not
+        computed again: time to first token saved); 0 without a hit or before admission.
     """
 
     __slots__ = ("_seq", "_n_tokens", "_n_text", "request_id", "finish_reason", "delta_text", "delta_token_ids",
-                 "num_preemptions")
+                 "num_preemptions", "num_cached_tokens")
 
     def __init__(self, seq: Sequence, delta_text: str, delta_token_ids: list[int]):
         self._seq = seq  # token lists only grow, so slicing at these lengths is a snapshot
@@ -178,6 +182,7 @@ class RequestOutput:
         self.delta_text = delta_text
         self.delta_token_ids = delta_token_ids
         self.num_preemptions = seq.num_preemptions
+        self.num_cached_tokens = seq.prefix_hit_tokens or 0  # prompt tokens taken from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -246,8 +251,11 @@ class Engine:
         num_kv_blocks / kv_cache_memory: KV cache size in blocks or in bytes (at most one); default: 85% of
             the free GPU memory, or 512 MiB on the CPU, capped at what max_num_seqs full contexts need.
         block_size: tokens per KV block, a power of two up to 256.
-        max_num_batched_tokens: most tokens in one prefill batch (default 8192; a longer prompt still runs,
-            alone).
+        max_num_batched_tokens: most tokens computed in one step (chunked prefill): every running stream's next
+            token first, then chunks of prompts; a longer prompt is prefilled over several steps while the
+            running streams keep decoding. Default `scheduler.DEFAULT_MAX_NUM_BATCHED_TOKENS`.
+        enable_prefix_caching: reuse the K/V of full blocks that earlier requests computed for the same leading
+            tokens (default True); outputs are the same either way. `prefix_cache_stats` counts the hits.
         max_model_len: context length, at most the model's (default: the model's). The RoPE table and the decode
             buffers are sized by min(max_model_len, the KV cache's tokens) (no sequence can grow past the cache),
             for min(max_num_seqs, KV blocks) sequences; a plan larger than the memory available is refused
@@ -283,7 +291,7 @@ class Engine:
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False,
                  cuda_graphs: bool = True, async_decode: bool = True, quantize: str | None = None,
                  batch_invariant: bool = False, tensor_parallel_size: int | None = None,
-                 tp_timeout: float = DEFAULT_TIMEOUT_S):
+                 tp_timeout: float = DEFAULT_TIMEOUT_S, enable_prefix_caching: bool = True):
         args = {k: v for k, v in locals().items() if k != "self"}  # what spawned tensor-parallel ranks rebuild
         from .loader import LoadedModel, load_model_files
 
@@ -360,8 +368,12 @@ class Engine:
                                   max_num_seqs=plan.runner_seqs, max_model_len=plan.served_len, debug=debug,
                                   cuda_graphs=self.cuda_graphs, tp=self.tp, shard=loaded.shard)
         self.async_decode = bool(async_decode)
-        self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS)
+        # The cache holds K/V of this model in this dtype: blocks of another engine never match (separate pools).
+        block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
+                                     cache_identity=f"{self.source}|{self.dtype}|{cfg.architecture}")
+        self.scheduler = Scheduler(block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=(DEFAULT_MAX_NUM_BATCHED_TOKENS if max_num_batched_tokens
+                                                           is None else max_num_batched_tokens))
         self.eos_token_ids = frozenset(cfg.eos_token_ids or ())
         self._requests: dict[Any, Sequence] = {}
         self._ids = itertools.count()
@@ -555,6 +567,11 @@ class Engine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prefix-cache hits so far (requests, prompt tokens, tokens reused, hit rate, evictions)."""
+        return self.scheduler.block_manager.stats
+
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return an output for every request that got a token (or finished).
@@ -578,12 +595,7 @@ class Engine:
             raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
                                f"{self.scheduler.block_manager.num_free_blocks} free blocks")
         if step.prefill:
-            token_ids, logprobs = self.runner.run(step.prefill, True)
-            now = time.perf_counter()
-            for seq, token_id, logprob in zip(step.prefill, token_ids, logprobs):
-                seq.num_cached_tokens = seq.num_tokens
-                seq.append_token(token_id, logprob, now)
-                self._add_token(seq, token_id, outputs)
+            self._prefill(step.prefill, step.prefill_tokens, outputs)
         launched = self._launch(step.decode, ids_on_device=pending is not None) if step.decode else None
         if pending is not None:
             outputs += self._resolve(pending)
@@ -616,13 +628,30 @@ class Engine:
                 need += 1
         return need <= sched.block_manager.num_free_blocks  # no preemption
 
+    def _prefill(self, seqs: list[Sequence], num_tokens: list[int], outputs: list[RequestOutput]) -> None:
+        """Run the step's chunks; publish the blocks they completed; a sequence whose chunk reached its last
+        token gets its next token."""
+        token_ids, logprobs = self.runner.run(seqs, True, num_new_tokens=num_tokens)
+        now = time.perf_counter()
+        sampled = iter(zip(token_ids, logprobs))
+        bm = self.scheduler.block_manager
+        for seq, n in zip(seqs, num_tokens):
+            seq.num_computed_tokens += n
+            bm.publish(seq)  # K/V written (the pass is done), token ids on the host
+            if seq.num_computed_tokens == seq.num_tokens:
+                token_id, logprob = next(sampled)
+                seq.append_token(token_id, logprob, now)
+                self._add_token(seq, token_id, outputs)
+
     def _launch(self, seqs: list[Sequence], ids_on_device: bool) -> PendingDecode:
         pending = self.runner.launch_decode(seqs, ids_on_device=ids_on_device)
         self.decode_stats["launched"] += 1
         self.decode_stats["continued"] += ids_on_device
+        bm = self.scheduler.block_manager
         for seq in seqs:
-            seq.num_cached_tokens = len(seq.token_ids) + seq.num_pending  # the fed token's K/V is written now
+            seq.num_computed_tokens = len(seq.token_ids) + seq.num_pending  # the fed token's K/V is written now
             seq.num_pending += 1
+            bm.publish(seq)  # blocks full of host-known tokens (a token still on the device is never in a key)
         return pending
 
     def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:

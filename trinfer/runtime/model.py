@@ -9,9 +9,9 @@ through `torch_backend.py`, which takes leaner equal paths in fp32 and stores th
 layout its BLAS runs fastest), or the Triton kernels with some kernel families on the CUDA C++ kernels of
 `trinfer.cuda_kernels` (`get_backend` / `parse_backend` give the choices).
 
-A forward pass takes a flat batch of T tokens (a prefill batch: each sequence's uncached tokens one after
-another; or a decode batch: one token per sequence) with its `AttentionMetadata`, writes their K/V into
-the paged cache and returns the final hidden state of each sequence's last token only.
+A forward pass takes a flat batch of T tokens (a prefill batch: a run of each sequence's uncomputed tokens one
+after another; or a decode batch: one token per sequence) with its `AttentionMetadata`, writes their K/V into
+the paged cache and returns the final hidden state of the last token of each sequence that gets a next token.
 
 Per layer:  h -> norm -> qkv -> rotary(q, k) + write k, v to cache -> paged attention -> o_proj
             -> (+ residual, norm) -> gate_up -> silu(gate) * up -> down -> (+ residual)
@@ -45,8 +45,8 @@ class Backend:
     """The operations of the model, with the signatures of `trinfer.triton_kernels` (matrix products and
     embedding rows through `linear` / `embedding`, which take dense or quantized weights).
 
-    Keyword arguments (`validate=`, `max_q_len=`, `max_seq_len=`: checks and launch sizes) are passed on to
-    the kernels; the references do not need them and ignore them.
+    Keyword arguments (`validate=`, `max_q_len=`, `plan=`, `max_seq_len=`: checks and launch sizes) are passed on
+    to the kernels; the references do not need them and ignore them.
     """
 
     name: str
@@ -268,7 +268,8 @@ class DecoderLayer(nn.Module):
                                   validate=validate)
         if meta.is_prefill:
             o = ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
-                                            self.scale, max_q_len=meta.max_q_len, validate=validate)
+                                            self.scale, max_q_len=meta.max_q_len, plan=meta.prefill_plan,
+                                            validate=validate)
         else:
             o = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                                            max_seq_len=meta.max_seq_len, workspace=meta.decode_workspace,

@@ -2,7 +2,9 @@
 
 Holds the model, the paged KV cache, the static decode buffers and (on CUDA) the captured decode graphs.
 
-Prefill runs eagerly and returns its tokens at once. A decode step is launched (`launch_decode`) and its
+Prefill (whole prompts, chunks of long ones, the rest after a cached prefix) runs eagerly and returns its tokens
+at once; with the Triton kernels its attention launch is planned once per step (`plan_prefill_attention`: KV
+splits for short chunks over long cached prefixes). A decode step is launched (`launch_decode`) and its
 tokens are read later (`resolve`): the argmax runs on the device and writes the next step's input ids in
 place, the ids and log-probabilities go to pinned host memory by an asynchronous copy, and only `resolve`
 waits for that copy. So the engine can enqueue step k+1 before it reads step k's tokens.
@@ -23,13 +25,14 @@ the same step runs eagerly, unpadded.
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 import logging
 import time
 
 import torch
 
-from trinfer.triton_kernels.attention import DECODE_SPLIT_TOKENS, decode_workspace_numel
+from trinfer.triton_kernels.attention import DECODE_SPLIT_TOKENS, decode_workspace_numel, plan_prefill_attention
 
 from . import tp_worker
 from .attention_metadata import AttentionMetadata, DecodeBuffers, build_prefill
@@ -116,19 +119,27 @@ class ModelRunner:
         self.graph_memory_bytes: int | None = None    # device memory the graphs took (pool + graph objects)
         self.num_graph_replays = 0
         self.num_eager_decodes = 0
+        self._plan_prefill = None  # the Triton prefill attention's launch plan (KV splits), once per step
+        if backend.name != "torch":
+            self._plan_prefill = functools.partial(
+                plan_prefill_attention, num_q_heads=local.num_heads, num_kv_heads=local.num_kv_heads,
+                head_dim=local.head_dim, dtype=dtype, device=device)
         if cuda_graphs:
             self.capture_cuda_graphs()
 
     # ------------------------------------------------------------------ prefill and the synchronous API
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, *, padded_size: int | None = None
-            ) -> tuple[list[int], list[float]]:
-        """One forward pass over `seqs` (a prefill batch or a decode batch), waited for; returns, per sequence,
-        the next token id and its log-probability. `padded_size` pads a decode batch (default: its bucket
-        when `pad_decode`)."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, *, padded_size: int | None = None,
+            num_new_tokens: list[int] | None = None) -> tuple[list[int], list[float]]:
+        """One forward pass over `seqs` (a prefill batch or a decode batch), waited for.
+
+        Decode: per sequence, the next token id and its log-probability (`padded_size` pads the batch; default:
+        its bucket when `pad_decode`). Prefill: `num_new_tokens[i]` tokens of seqs[i] from its
+        num_computed_tokens on (default: all the rest; `build_prefill`); the next token and its log-probability
+        of each sequence whose run reaches its last token, in order (a chunk that stops short gets none)."""
         if not is_prefill:
             return self.resolve(self.launch_decode(seqs, padded_size=padded_size))
-        input_ids, meta = build_prefill(seqs, self.block_size, self.device)
+        input_ids, meta = build_prefill(seqs, self.block_size, self.device, num_new_tokens, self._plan_prefill)
         if self.tp is None:
             token_ids, logprobs = self.prefill_pass(input_ids, meta)
         else:  # every rank runs the same pass
@@ -136,8 +147,9 @@ class ModelRunner:
         return token_ids.tolist(), logprobs.tolist()
 
     def prefill_pass(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward pass and argmax of a prefill batch: next token ids and logprobs, on the device (call it in
-        inference mode)."""
+        """The forward pass and argmax of a prefill batch: next token ids and logprobs, on the device, of the rows
+        in `meta.logits_indices` (none when every chunk stops short of its sequence's end; call it in inference
+        mode)."""
         hidden = self.model(input_ids, meta, self.kv_cache)
         return self.model.sample(hidden)
 

@@ -1,13 +1,28 @@
-"""Continuous batching: every step decodes all running sequences and admits waiting ones for prefill.
+"""Continuous batching with chunked prefill: a token budget per step, decode first, prefix-cache-aware admission.
 
-Policy, in order, at each step:
-1. Decode: every running sequence (oldest first) gets a slot for its newest token. When no block is
-   free, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
-   the waiting queue, to be recomputed later by a prefill of its prompt + generated tokens.
-2. Prefill: waiting sequences are admitted in arrival order while there is room (sequence count, tokens
-   per prefill batch, free blocks). Admission stops at the first one that does not fit, so nobody is
-   overtaken (first come, first served), and a preempted sequence is readmitted first.
-A step may hold a prefill batch and a decode batch; the model runner runs them as separate passes.
+A sequence is "how many of its tokens are computed" (`num_computed_tokens`, the tokens whose K/V is in the
+cache): a step gives each scheduled sequence a run of its next uncomputed tokens. A sequence with exactly one
+uncomputed token (its newest) decodes; one with more prefills a chunk. Each step computes at most
+`max_num_batched_tokens` tokens, decode tokens included (one each), handed out in this order:
+
+1. Decode: every running sequence with one uncomputed token, oldest first, gets a slot for it. Decode is never
+   deferred for the budget, so running streams advance at every step.
+2. Continuing prefills: running sequences with more (a long prompt part-way through, or a recompute after a
+   preemption), oldest first, get the next chunk: as many of their tokens as the budget has left.
+3. New prompts: waiting sequences in arrival order (a preempted one first) while the budget, `max_num_seqs` and
+   the free blocks allow. Each starts from the longest chain of cached blocks matching its tokens (prefix
+   caching: at most all but its last token) and gets a first chunk. Admission stops at the first sequence that
+   does not fit, so nobody is overtaken (first come, first served).
+
+When a sequence needs a block and none is free, the newest running sequence not yet scheduled in this step is
+preempted (possibly the sequence itself; a prefill part-way through as well): its blocks are released (the
+published ones stay cached) and it goes back to the front of the waiting queue, to be recomputed later. A
+continuing prefill short of blocks first shrinks its chunk to the blocks it can get.
+
+So a long prompt is prefilled a budget's worth per step while the running streams keep decoding. The model
+runner runs a step's decode sequences as one decode pass (static buffers, CUDA graphs) and its chunks as one
+prefill pass; a chunk that reaches its sequence's last token yields the next token. The general unit is
+"k query tokens for that sequence this step" (`ScheduledStep.prefill_tokens`); decode is its k = 1 case.
 """
 from __future__ import annotations
 
@@ -17,24 +32,37 @@ from dataclasses import dataclass, field
 from .block_manager import BlockManager, blocks_needed
 from .sequence import Sequence, SequenceStatus
 
+# Tokens computed per step unless the engine is told otherwise (see README, "Chunked prefill").
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+
 
 @dataclass(slots=True)
 class ScheduledStep:
-    prefill: list[Sequence] = field(default_factory=list)
+    """What one step computes. prefill_tokens[i]: the tokens prefill[i] computes (its chunk, starting at its
+    num_computed_tokens); each decode sequence computes its newest token."""
+
     decode: list[Sequence] = field(default_factory=list)
+    prefill: list[Sequence] = field(default_factory=list)
+    prefill_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         return not self.prefill and not self.decode
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(self.prefill_tokens)
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs: expected an int >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens: expected an int >= 1, got {max_num_batched_tokens}")
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: expected an int >= 1, got {max_num_seqs!r}")
+        if (isinstance(max_num_batched_tokens, bool) or not isinstance(max_num_batched_tokens, int)
+                or max_num_batched_tokens < 1):
+            raise ValueError(f"max_num_batched_tokens: expected an int >= 1 (tokens computed per step), got "
+                             f"{max_num_batched_tokens!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -55,37 +83,69 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
-        bm = self.block_manager
+        bm, bs = self.block_manager, self.block_manager.block_size
+        budget = self.max_num_batched_tokens
+        running = SequenceStatus.RUNNING
 
-        # 1. Decode every running sequence, preempting the newest ones while blocks are short.
-        queue = list(self.running)
-        while queue:
-            seq = queue.pop(0)
-            while not bm.can_append(seq):
-                victim = queue.pop() if queue else seq
+        # 1-2. Running sequences: the decoding ones, then the prefills part-way through; oldest first in each.
+        decoding, prefilling = [], []
+        for seq in self.running:
+            (decoding if seq.num_uncomputed_tokens == 1 else prefilling).append(seq)
+        scheduled: set[int] = set()
+        for seq in decoding + prefilling:
+            if seq.status is not running:  # preempted earlier in this step
+                continue
+            left = seq.num_uncomputed_tokens
+            n = 1 if left == 1 else min(left, budget)
+            if n <= 0:  # no budget left for this chunk: it waits for the next step, keeping its blocks
+                continue
+            while not bm.can_grow(seq, seq.num_computed_tokens + n):
+                fit = (len(seq.block_table) + bm.num_free_blocks) * bs - seq.num_computed_tokens
+                if left > 1 and fit >= 1:  # a chunk takes what the free blocks hold
+                    n = fit
+                    break
+                victim = self._newest_unscheduled(scheduled)
                 self._preempt(victim)
                 step.preempted.append(victim)
                 if victim is seq:
                     break
-            else:
-                bm.append(seq)
+            if seq.status is not running:
+                continue
+            bm.grow(seq, seq.num_computed_tokens + n)
+            scheduled.add(id(seq))
+            budget -= n
+            if left == 1:
                 step.decode.append(seq)
+            else:
+                step.prefill.append(seq)
+                step.prefill_tokens.append(n)
 
-        # 2. Admit waiting sequences for prefill, in order, while they fit.
-        num_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        # 3. Admit waiting sequences, in order, from their cached prefix, while they fit.
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if step.prefill and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
-                break
-            if not bm.can_allocate(seq):
+            hits = bm.cached_prefix(seq)
+            start = len(hits) * bs
+            n = min(seq.num_tokens - start, budget)
+            if not bm.can_allocate(seq, start + n, hits):
                 break
             self.waiting.popleft()
-            bm.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
+            bm.allocate(seq, start + n, hits)
+            seq.status = running
             self.running.append(seq)
-            step.prefill.append(seq)
-            num_tokens += seq.num_tokens
+            scheduled.add(id(seq))
+            budget -= n
+            if seq.num_uncomputed_tokens == 1:  # a one-token prompt, or all but its last token were cached
+                step.decode.append(seq)
+            else:
+                step.prefill.append(seq)
+                step.prefill_tokens.append(n)
         return step
+
+    def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:
+        for seq in reversed(self.running):
+            if id(seq) not in scheduled:
+                return seq
+        raise RuntimeError("scheduler: no running sequence left to preempt")  # the caller itself is unscheduled
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -96,7 +156,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished (or aborted) sequence and free its blocks at once."""
+        """Drop a finished (or aborted) sequence and release its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
         else:

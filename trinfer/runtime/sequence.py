@@ -10,7 +10,7 @@ from .sampling_params import SamplingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"    # queued for (re)prefill: new, or preempted and to be recomputed
-    RUNNING = "running"    # holds KV blocks and decodes one token per step
+    RUNNING = "running"    # holds KV blocks; computes a chunk of its prompt, or one token, per scheduled step
     FINISHED = "finished"  # blocks freed; nothing more will be generated
 
 
@@ -28,9 +28,16 @@ class FinishReason(str, enum.Enum):
 class Sequence:
     """One request. `token_ids` holds the prompt then the generated tokens.
 
-    The KV cache holds the first `num_cached_tokens` tokens (0 while waiting): after a prefill all but
-    the newest token, whose KV is written when it is fed at the next decode step. Preemption frees the
-    blocks and resets `num_cached_tokens`; the next prefill then recomputes prompt + generated tokens.
+    The KV cache holds the K/V of the first `num_computed_tokens` tokens (0 while waiting; on admission, the
+    tokens of the cached blocks it starts from). A step computes a run of the next uncomputed tokens: a chunk of
+    the prompt (chunked prefill), or the newest token alone (decode: all but the newest are computed, and its
+    K/V is written when it is fed). Preemption frees the blocks and resets `num_computed_tokens`; the sequence
+    is then recomputed (prompt + generated tokens), from whatever the prefix cache still holds.
+
+    Prefix cache: `block_hashes` are the chained keys of its full blocks (computed once, from host tokens:
+    tokens are only ever appended, so they never change), `num_published_blocks` how many of its blocks have
+    been offered to the cache, `prefix_hit_tokens` the prompt tokens its first admission took from the cache
+    (None before it).
 
     `num_pending` counts tokens a launched decode step is producing on the device that have not reached the
     host yet (0, 1, or 2 while the engine runs one step ahead). They count in `num_tokens` (their KV slots
@@ -40,7 +47,7 @@ class Sequence:
 
     __slots__ = (
         "request_id", "prompt", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
-        "num_cached_tokens", "num_pending", "logprobs", "finish_reason", "num_preemptions",
+        "num_computed_tokens", "num_pending", "block_hashes", "num_published_blocks", "prefix_hit_tokens", "logprobs", "finish_reason", "num_preemptions",
         "arrival_time", "token_times", "detokenizer", "text", "num_text_sent", "num_tokens_sent",
     )
 
@@ -53,7 +60,10 @@ class Sequence:
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.num_cached_tokens = 0
+        self.num_computed_tokens = 0
+        self.block_hashes: list[bytes] = []
+        self.num_published_blocks = 0
+        self.prefix_hit_tokens: int | None = None
         self.num_pending = 0
         self.logprobs: list[float] = []
         self.finish_reason: FinishReason | None = None
@@ -69,6 +79,11 @@ class Sequence:
     def num_tokens(self) -> int:
         """Tokens the KV cache and the scheduler account for: those on the host plus the pending ones."""
         return len(self.token_ids) + self.num_pending
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V is not in the cache yet: 1 for a decoding sequence (its newest token)."""
+        return len(self.token_ids) + self.num_pending - self.num_computed_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -5,7 +5,14 @@ Every function here validates its inputs, runs a @triton.jit kernel through a to
 On CPU tensors the kernels run only under TRITON_INTERPRET=1 (set before this package is imported).
 """
 from .activation import silu_and_mul
-from .attention import decode_workspace_numel, paged_decode_attention, paged_prefill_attention
+from .attention import (
+    PrefillPlan,
+    decode_workspace_numel,
+    paged_decode_attention,
+    paged_prefill_attention,
+    plan_prefill_attention,
+    prefill_workspace_numel,
+)
 from .kv_cache import write_kv_cache
 from .linear import dequantize, linear
 from .lm_head import lm_head_greedy
@@ -25,6 +32,9 @@ __all__ = [
     "lm_head_greedy",
     "write_kv_cache",
     "paged_prefill_attention",
+    "plan_prefill_attention",
+    "PrefillPlan",
+    "prefill_workspace_numel",
     "paged_decode_attention",
     "decode_workspace_numel",
     "linear",

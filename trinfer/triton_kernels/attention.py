@@ -27,6 +27,7 @@ from .kernels.attention import (
     paged_decode_reduce_kernel,
     paged_decode_split_kernel,
     paged_prefill_attention_kernel,
+    paged_prefill_reduce_kernel,
 )
 from .kv_cache_layout import BLOCK_TABLE_DTYPE, check_kv_caches
 
@@ -71,15 +72,20 @@ def _heads_per_program(group: int, limit: int = 16) -> int:
     return max(d for d in range(1, min(group, limit) + 1) if group % d == 0)
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype, group: int, arch: int = 90) -> PrefillConfig:
+def _prefill_config(head_dim: int, dtype: torch.dtype, group: int, arch: int = 90, split: bool = False
+                    ) -> PrefillConfig:
     """Tile sizes for the prefill kernel per padded head dim, dtype and GPU generation (`arch` 90 or 80).
 
     Each entry compiles without spills within the chip's shared memory (tests/aot_check.py). fp16/bf16 use
     tensor cores (wgmma on sm_90, mma.sync on sm_80); fp32 runs IEEE-exact FMA products on small tiles.
+    `split` (a KV-split launch) may change only the pipelining depth, never the tiles: a sequence's result must
+    not depend on whether its batch is split (fp32 128-wide tiles: one stage, as ptxas spills with two).
     """
     block_d = _tile_width(head_dim)
     if dtype == torch.float32:
         block_m, block_n, warps, stages = {64: (32, 32, 4, 2), 128: (32, 16, 8, 2), 256: (32, 16, 8, 2)}[block_d]
+        if split and block_d == 128:
+            stages = 1
     elif block_d == 128 and arch != 90:
         block_m, block_n, warps, stages = 128, 32, 8, 3  # BLOCK_N 64 spills in bf16 on sm_80
     else:
@@ -161,14 +167,93 @@ def _validate_tables(name: str, lens: torch.Tensor, block_tables: torch.Tensor, 
 # Prefill / extend
 # ----------------------------------------------------------------------------------------------------------
 
-def _prefill_launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, scale: float, max_q_len: int) -> None:
+# KV split of the prefill kernel: a sequence with few query tiles (a short chunk, or the rest of a prompt after
+# a long cached prefix) has few programs per head; cutting its keys into splits gives it more. Per sequence, from
+# its own lengths only (batch-invariant): splits = min(MAX, kv_len // MIN_KEYS, cdiv(TARGET_TILES, q_tiles)).
+PREFILL_SPLIT_MIN_KEYS = 256     # a split covers at least this many keys (>= 4 key tiles of 64)
+PREFILL_SPLIT_TARGET_TILES = 32  # split until query tiles x splits reaches this, per head program
+PREFILL_MAX_SPLITS = 64
+
+
+class PrefillPlan(NamedTuple):
+    """How `paged_prefill_attention` launches for one batch: made on the host once per step
+    (`plan_prefill_attention`, from the lengths the host knows) and shared by every layer.
+
+    kv_splits / part_base: `[batch]` int32 on the device (None when no sequence is split): KV splits of each
+    sequence, and its first partial row (the sum of q_len * splits of the sequences before it).
+    """
+
+    batch: int
+    max_q_len: int
+    tokens_per_tile: int          # query tokens per program of the launch configuration it was made for
+    kv_splits: torch.Tensor | None
+    part_base: torch.Tensor | None
+    num_partials: int             # partial rows: sum of q_len * splits (0 when not split)
+    max_work: int                 # programs per (head group, sequence) on the grid's 2nd dim: max q_tiles * splits
+
+    @property
+    def split(self) -> bool:
+        return self.kv_splits is not None
+
+
+def prefill_kv_splits(q_len: int, kv_len: int, tokens_per_tile: int, *, min_split_keys: int = PREFILL_SPLIT_MIN_KEYS,
+                      target_tiles: int = PREFILL_SPLIT_TARGET_TILES, max_splits: int = PREFILL_MAX_SPLITS) -> int:
+    """KV splits of one sequence: `min(max_splits, kv_len // min_split_keys, cdiv(target_tiles, q_tiles))`, at
+    least 1; a function of the sequence's own lengths, so its result never depends on the batch."""
+    if q_len <= 0:
+        return 1
+    q_tiles = -(-q_len // tokens_per_tile)
+    return max(1, min(max_splits, kv_len // min_split_keys, -(-target_tiles // q_tiles)))
+
+
+def plan_prefill_attention(q_lens, kv_lens, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                           dtype: torch.dtype, device, min_split_keys: int = PREFILL_SPLIT_MIN_KEYS,
+                           target_tiles: int = PREFILL_SPLIT_TARGET_TILES,
+                           max_splits: int = PREFILL_MAX_SPLITS) -> PrefillPlan:
+    """The launch plan of a prefill batch from host lists of its query and key lengths (no device sync): the
+    KV splits of each sequence (`prefill_kv_splits`) for the tile configuration that q of these heads, head_dim
+    and dtype get on `device`. Pass it as `paged_prefill_attention(..., plan=)`."""
+    device = torch.device(device)
+    if len(q_lens) != len(kv_lens):
+        raise ValueError(f"kv_lens: expected one per sequence ({len(q_lens)}), got {len(kv_lens)}")
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads: expected a positive multiple of num_kv_heads {num_kv_heads}, got {num_q_heads}")
+    if min_split_keys < 1 or target_tiles < 1 or max_splits < 1:
+        raise ValueError(f"plan_prefill_attention: expected min_split_keys, target_tiles, max_splits >= 1, got "
+                         f"{min_split_keys}, {target_tiles}, {max_splits}")
+    cfg = _prefill_config(head_dim, dtype, num_q_heads // num_kv_heads, _config_arch(device))
+    tokens = cfg.block_m // cfg.heads
+    splits = [prefill_kv_splits(q, k, tokens, min_split_keys=min_split_keys, target_tiles=target_tiles,
+                                max_splits=max_splits) for q, k in zip(q_lens, kv_lens)]
+    max_q_len = max(q_lens, default=0)
+    if all(n == 1 for n in splits):
+        return PrefillPlan(len(q_lens), max_q_len, tokens, None, None, 0, -(-max_q_len // tokens))
+    base, bases = 0, []
+    for q, n in zip(q_lens, splits):
+        bases.append(base)
+        base += q * n
+    table = torch.tensor([splits, bases], dtype=torch.int32)
+    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+    return PrefillPlan(len(q_lens), max_q_len, tokens, table[0], table[1], base,
+                       max(-(-q // tokens) * n for q, n in zip(q_lens, splits)))
+
+
+def _prefill_launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, kv_splits, part_base, workspace,
+                    scale: float, max_q_len: int, max_work: int, num_partials: int, split: bool) -> None:
     batch = block_tables.shape[0]
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     group = num_q_heads // k_cache.shape[2]
-    cfg = _prefill_config(head_dim, q.dtype, group, _config_arch(q.device))
+    cfg = _prefill_config(head_dim, q.dtype, group, _config_arch(q.device), split)
     tokens_per_tile = cfg.block_m // cfg.heads
-    grid = (num_q_heads // cfg.heads, triton.cdiv(max_q_len, tokens_per_tile), batch)
+    work = max_work if split else triton.cdiv(max_q_len, tokens_per_tile)
+    grid = (num_q_heads // cfg.heads, work, batch)
     block_size = k_cache.shape[1]
+    block_d = triton.next_power_of_2(head_dim)
+    n_part = num_partials * num_q_heads
+    part_o, part_lse = workspace[: n_part * head_dim], workspace[n_part * head_dim: n_part * (head_dim + 1)]
+    if not split:  # never read: any int32 / fp32 tensors of the device
+        kv_splits = part_base = cu_seqlens_q
+        part_o = part_lse = workspace
     paged_prefill_attention_kernel[grid](
         q, q.stride(0), q.stride(1),
         k_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -176,22 +261,36 @@ def _prefill_launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, ou
         block_tables, block_tables.stride(0),
         cu_seqlens_q, kv_lens,
         out, out.stride(0), out.stride(1),
+        kv_splits, part_base, part_o, part_lse, num_q_heads,
         block_size, block_tables.shape[1] * block_size, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), GROUP=group, HEADS=cfg.heads,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, HEADS=cfg.heads,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split:
+        paged_prefill_reduce_kernel[(num_q_heads, max_q_len, batch)](
+            part_o, part_lse, cu_seqlens_q, kv_splits, part_base, out, out.stride(0), out.stride(1), num_q_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_REDUCE_BLOCK_S, num_warps=4,
+        )
 
 
-@torch.library.custom_op("trinfer::paged_prefill_attention", mutates_args=("out",))
+@torch.library.custom_op("trinfer::paged_prefill_attention", mutates_args=("out", "workspace"))
 def _paged_prefill_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, out: torch.Tensor, scale: float,
-                      max_q_len: int) -> None:
-    _prefill_launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, scale, max_q_len)
+                      cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, out: torch.Tensor, kv_splits: torch.Tensor,
+                      part_base: torch.Tensor, workspace: torch.Tensor, scale: float, max_q_len: int, max_work: int,
+                      num_partials: int, split: bool) -> None:
+    _prefill_launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, kv_splits, part_base, workspace,
+                    scale, max_q_len, max_work, num_partials, split)
 
 
 @_paged_prefill_op.register_fake
-def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, scale, max_q_len):
+def _(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, kv_splits, part_base, workspace, scale,
+      max_q_len, max_work, num_partials, split):
     return None
+
+
+def prefill_workspace_numel(plan: PrefillPlan, num_q_heads: int, head_dim: int) -> int:
+    """fp32 elements of the scratch a KV-split launch needs (partial outputs and log-sum-exps); 0 if unsplit."""
+    return plan.num_partials * num_q_heads * (head_dim + 1) if plan.split else 0
 
 
 def paged_prefill_attention(
@@ -204,7 +303,9 @@ def paged_prefill_attention(
     scale: float,
     *,
     max_q_len: int | None = None,
+    plan: PrefillPlan | None = None,
     out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
     validate: bool = False,
 ) -> torch.Tensor:
     """Causal attention of packed variable-length queries to their sequences' paged K/V (prefill, extend, chunk).
@@ -215,6 +316,13 @@ def paged_prefill_attention(
     keys `0 .. kv_len - q_len + i`: a fresh prompt has kv_len == q_len, a continued prefix or a chunk of a long
     prompt kv_len > q_len.
 
+    KV split: with a `plan` (`plan_prefill_attention`), a sequence with few query tiles and many keys has its
+    keys cut into splits attended by separate programs, merged afterwards in split order by their
+    log-sum-exp (a second kernel), so a short chunk over a long cached prefix still occupies the whole GPU. The
+    result is the same attention (within rounding); the splits depend only on the sequence's own lengths, and a
+    sequence with one split gets exactly the unsplit result, so a sequence's output never depends on the batch
+    around it.
+
     Args:
         q: `[total_q, q_heads, head_dim]` fp32/fp16/bf16, the caches' dtype; last dim contiguous (a view of a
             fused qkv output is fine). q_heads a multiple of the caches' KV heads (GQA), head_dim in [33, 256].
@@ -223,9 +331,13 @@ def paged_prefill_attention(
         cu_seqlens_q: `[batch + 1]` int32 cumulative query lengths, starting at 0.
         kv_lens: `[batch]` int32, each >= the sequence's q_len and <= max_blocks_per_seq * block_size.
         scale: softmax scale (> 0), e.g. head_dim ** -0.5.
-        max_q_len: a host upper bound of the q_lens (sizes the grid). None computes it from cu_seqlens_q,
-            which synchronizes with the device: pass it in the engine and under CUDA-graph capture.
+        max_q_len: a host upper bound of the q_lens (sizes the grid); taken from `plan` when one is given. None
+            without a plan computes it from cu_seqlens_q, which synchronizes with the device: pass it (or a
+            plan) in the engine.
+        plan: the batch's launch plan with its KV splits (None: no split).
         out: optional `[total_q, q_heads, head_dim]` output of q's dtype; written and returned.
+        workspace: optional 1-D fp32 scratch of at least `prefill_workspace_numel(plan, ...)` elements (else
+            allocated when the plan splits).
         validate: run the device-memory checks (module docstring); one host sync.
     Returns:
         `[total_q, q_heads, head_dim]` in q's dtype. Reference: `references.paged_prefill_attention_ref`.
@@ -234,25 +346,77 @@ def paged_prefill_attention(
     if cu_seqlens_q.shape[0] < 1:
         raise ValueError("cu_seqlens_q: expected batch + 1 >= 1 entries, got 0")
     batch = cu_seqlens_q.shape[0] - 1
-    num_blocks, block_size, _, _, _, scale = _check_attention_inputs(q, k_cache, v_cache, block_tables, batch, scale)
+    num_blocks, block_size, num_q_heads, _, head_dim, scale = _check_attention_inputs(
+        q, k_cache, v_cache, block_tables, batch, scale)
     check_tensor("cu_seqlens_q", cu_seqlens_q, device=q.device)
     _check_lengths("kv_lens", kv_lens, batch, q.device)
     if max_q_len is not None and (isinstance(max_q_len, bool) or not isinstance(max_q_len, int) or max_q_len < 0):
         raise ValueError(f"max_q_len: expected an int >= 0 or None, got {max_q_len!r}")
+    if plan is not None:
+        _check_plan(plan, q, k_cache, batch)
+        max_q_len = plan.max_q_len
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     else:
         _check_out(out, q)
+    split = plan is not None and plan.split
+    needed = prefill_workspace_numel(plan, num_q_heads, head_dim) if split else 0
+    if workspace is None:
+        workspace = torch.empty(max(needed, 1), dtype=torch.float32, device=q.device)
+    else:
+        check_tensor("workspace", workspace, dtypes=(torch.float32,), ndim=1, device=q.device, contiguous=True)
+        if workspace.numel() < max(needed, 1):
+            raise ValueError(f"workspace: expected at least {max(needed, 1)} fp32 elements "
+                             f"(prefill_workspace_numel), got {workspace.numel()}")
     if validate:
         _validate_prefill(q, block_tables, cu_seqlens_q, kv_lens, block_size, num_blocks, max_q_len)
+        if split:
+            _validate_plan(plan, cu_seqlens_q, kv_lens)
     if batch == 0 or q.shape[0] == 0:
         return out
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # host sync
     if max_q_len == 0:
         return out
-    _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, scale, max_q_len)
+    kv_splits = plan.kv_splits if split else cu_seqlens_q
+    part_base = plan.part_base if split else cu_seqlens_q
+    _paged_prefill_op(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, out, kv_splits, part_base, workspace,
+                      scale, max_q_len, plan.max_work if split else 0, plan.num_partials if split else 0, split)
     return out
+
+
+def _check_plan(plan, q, k_cache, batch: int) -> None:
+    """Every-call checks of a PrefillPlan against this launch (no sync)."""
+    if not isinstance(plan, PrefillPlan):
+        raise TypeError(f"plan: expected a PrefillPlan (plan_prefill_attention) or None, got {type(plan).__name__}")
+    if plan.batch != batch:
+        raise ValueError(f"plan: made for a batch of {plan.batch} sequences, got {batch}")
+    cfg = _prefill_config(q.shape[2], q.dtype, q.shape[1] // k_cache.shape[2], _config_arch(q.device))
+    tokens = cfg.block_m // cfg.heads
+    if plan.tokens_per_tile != tokens:
+        raise ValueError(f"plan: made for {plan.tokens_per_tile} query tokens per tile, but these heads, head_dim "
+                         f"and dtype launch {tokens}; plan with this q's num_q_heads/num_kv_heads/head_dim/dtype")
+    if plan.split:
+        for name in ("kv_splits", "part_base"):
+            check_tensor(f"plan.{name}", getattr(plan, name), dtypes=(torch.int32,), ndim=1, device=q.device,
+                         contiguous=True)
+            check_same(f"plan.{name}", getattr(plan, name).shape[0], batch, "length (one entry per sequence)")
+
+
+def _validate_plan(plan: PrefillPlan, cu_seqlens_q, kv_lens) -> None:
+    """validate=True: the plan's splits and partial rows agree with the device lengths (sync)."""
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    splits = plan.kv_splits.long()
+    if bool((splits < 1).any()):
+        raise ValueError(f"plan.kv_splits: expected values >= 1, got {splits.tolist()}")
+    rows = q_lens * splits
+    base = torch.cumsum(rows, 0) - rows
+    if bool((plan.part_base.long() != base).any()) or int(rows.sum()) != plan.num_partials:
+        raise ValueError(f"plan: partial rows {plan.part_base.tolist()} / {plan.num_partials} do not match the "
+                         f"q_lens {q_lens.tolist()} and splits {splits.tolist()}: plan from this batch's lengths")
+    tiles = -(-q_lens // plan.tokens_per_tile)
+    if bool((tiles * splits > plan.max_work).any()):
+        raise ValueError(f"plan: max_work {plan.max_work} below a sequence's query tiles x splits")
 
 
 def _validate_prefill(q, block_tables, cu_seqlens_q, kv_lens, block_size, num_blocks, max_q_len) -> None:
@@ -484,22 +648,34 @@ def aot_specs(head_dims=HEAD_DIMS, dtypes=FLOAT_DTYPES) -> list[AotSpec]:
         block_d = triton.next_power_of_2(head_dim)
         t = "*" + TRITON_DTYPE[dtype]
         name = f"d={head_dim},{TRITON_DTYPE[dtype]},group={group}"
-        for arch in (90, 80):
-            p = _prefill_config(head_dim, dtype, group, arch)
+        for arch, split in ((a, sp) for a in (90, 80) for sp in (False, True)):
+            p = _prefill_config(head_dim, dtype, group, arch, split)
             specs.append(AotSpec(
-                name=f"paged_prefill_attention[{name},sm{arch}]",
+                name=f"paged_prefill_attention{'_split' if split else ''}[{name},sm{arch}]",
                 fn=paged_prefill_attention_kernel,
                 signature={"q_ptr": t, "stride_qt": "i32", "stride_qh": "i32", **_cache_signature(t),
                            "cu_seqlens_ptr": "*i32", "kv_lens_ptr": "*i32",
                            "out_ptr": t, "stride_ot": "i32", "stride_oh": "i32",
+                           "kv_splits_ptr": "*i32", "part_base_ptr": "*i32", "part_o_ptr": "*fp32",
+                           "part_lse_ptr": "*fp32", "num_q_heads": "i32",
                            "block_size": "i32", "capacity": "i32", "qk_scale": "fp32"},
                 constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d, "GROUP": group, "HEADS": p.heads,
-                            "BLOCK_M": p.block_m, "BLOCK_N": p.block_n},
+                            "BLOCK_M": p.block_m, "BLOCK_N": p.block_n, "SPLIT": split},
                 num_warps=p.num_warps, num_stages=p.num_stages,
                 expect_wgmma=dtype != torch.float32,
                 extra={"archs": (arch,),
                        "divisible_by_16": _ALIGNED + ("stride_qt", "stride_qh", "stride_ot", "stride_oh")},
             ))
+        specs.append(AotSpec(
+            name=f"paged_prefill_reduce[d={head_dim},{TRITON_DTYPE[dtype]}]",
+            fn=paged_prefill_reduce_kernel,
+            signature={"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
+                       "kv_splits_ptr": "*i32", "part_base_ptr": "*i32", "out_ptr": t, "stride_ot": "i32",
+                       "stride_oh": "i32", "num_q_heads": "i32"},
+            constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": _REDUCE_BLOCK_S},
+            num_warps=4,
+            extra={"divisible_by_16": ("stride_ot", "stride_oh")},
+        ))
         d = _decode_config(head_dim, dtype, group, DECODE_SPLIT_TOKENS)
         specs.append(AotSpec(
             name=f"paged_decode_split[{name}]",

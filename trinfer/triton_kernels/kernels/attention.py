@@ -112,6 +112,44 @@ def _attend_keys(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _store_partial(part_o_ptr, part_lse_ptr, part, acc, l_i, m_i, offs_d, rows_ok, HEAD_DIM: tl.constexpr):
+    """Store a split's normalized output `acc / l` ([rows, HEAD_DIM] fp32 at `part_o_ptr + part * HEAD_DIM`) and its
+    log2-sum-exp2 `m + log2(l)` (-inf for a row that saw no key of the split) at `part_lse_ptr + part`."""
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o,
+             mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    # The log-sum-exp through the same 2-D layout as o (column 0 only): no layout conversion, fewer registers.
+    lse = (m_i + tl.log2(l_safe))[:, None] + tl.zeros_like(o)
+    tl.store(part_lse_ptr + part[:, None] + 0 * offs_d[None, :], lse, mask=rows_ok[:, None] & (offs_d[None, :] == 0))
+
+
+@triton.jit
+def _merge_splits(part_o_ptr, part_lse_ptr, base, n_splits, offs_d, d_ok,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the partials `base .. base + n_splits - 1` of one query row and head (outputs `[., HEAD_DIM]` fp32,
+    log2-sum-exp2s), in split order: returns (sum_s w_s o_s, sum_s w_s) with w_s = exp2(lse_s - running max).
+    The first split must have seen a key (a finite lse)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + offs_s
+        s_ok = s < n_splits
+        lse = tl.load(part_lse_ptr + base + s, mask=s_ok, other=float("-inf"))
+        o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m_i = m_new
+    return acc, l_i
+
+
 # Values that change from step to step (table width, capacity, grid bounds) are not specialized, so that a
 # growing context never triggers a recompile mid-generation (the JIT would otherwise specialize ints == 1
 # and multiples of 16).
@@ -129,6 +167,11 @@ def paged_prefill_attention_kernel(
     kv_lens_ptr,        # [batch] int32 total keys of each sequence (cached prefix + new tokens), >= q_len
     out_ptr,            # [total_q, q_heads, head_dim] output, q's dtype
     stride_ot, stride_oh,
+    kv_splits_ptr,      # SPLIT: [batch] int32 KV splits of each sequence (1: not split, written to out)
+    part_base_ptr,      # SPLIT: [batch] int32 first partial row of each sequence (sum of q_len * splits before)
+    part_o_ptr,         # SPLIT: [partials, head_dim] fp32 normalized partial outputs, partial = row/head/split
+    part_lse_ptr,       # SPLIT: [partials] fp32 their log2-sum-exp2
+    num_q_heads,
     block_size,         # tokens per cache block
     capacity,           # max_blocks * block_size: kv_lens are clamped to it (never read past the table)
     qk_scale,           # softmax scale * log2(e)
@@ -138,19 +181,42 @@ def paged_prefill_attention_kernel(
     HEADS: tl.constexpr,      # query heads per program (divides GROUP), packed as rows with the tokens
     BLOCK_M: tl.constexpr,    # query rows per program: BLOCK_M // HEADS tokens x HEADS heads
     BLOCK_N: tl.constexpr,    # keys per inner step
+    SPLIT: tl.constexpr,      # some sequence is split over its keys (reads kv_splits; else none is)
 ):
     """Causal attention of packed variable-length queries to their sequence's paged keys.
 
     Query i of a sequence with q_len queries and kv_len keys sits at position kv_len - q_len + i and attends
     to keys 0 .. kv_len - q_len + i (fresh prompt: kv_len == q_len; continuation/chunk: kv_len > q_len).
-    Grid: (q_heads // HEADS, cdiv(max_q_len, BLOCK_M // HEADS), batch); programs past a sequence's queries exit.
+
+    KV split (SPLIT): sequence seq cuts its keys into S = kv_splits[seq] ranges of L = BLOCK_N *
+    cdiv(cdiv(kv_len, S), BLOCK_N) keys; the program of (query tile, split s) attends its rows to the keys of
+    [s L, (s + 1) L) they may see and stores the normalized partial output and its log2-sum-exp2 (-inf for a
+    range a row cannot see) for `paged_prefill_reduce_kernel`, which writes `out`. Partial of (row t, head h,
+    split s): part_base[seq] * num_q_heads + (t * num_q_heads + h) * S + s. With S = 1 the partial is the
+    unsplit program's normalized output and the reduce's weight is exp2(0) = 1: the same bits, so a sequence's
+    output never depends on whether another sequence of the batch is split. (Every sequence of a SPLIT launch
+    goes through the partials: one store path keeps the kernel within its registers.)
+
+    Grid: (q_heads // HEADS, cdiv(max_q_len, BLOCK_M // HEADS) [* max S when SPLIT], batch); programs past a
+    sequence's query tiles (times its splits) exit.
     """
     TOKENS: tl.constexpr = BLOCK_M // HEADS
     pid_h = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest causal rows first: less tail at the end
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    if SPLIT:
+        n_split = tl.load(kv_splits_ptr + seq)
+        q_tiles = tl.cdiv(q_len, TOKENS)
+        work = tl.program_id(1)
+        if work >= q_tiles * n_split:
+            return
+        pid_m = q_tiles - 1 - work // n_split  # the longest causal rows first
+        split = work % n_split
+    else:
+        n_split = 1
+        split = 0
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest causal rows first: less tail at the end
     m_tok = pid_m * TOKENS
     if m_tok >= q_len:
         return
@@ -172,16 +238,62 @@ def paged_prefill_attention_kernel(
     full_end = tl.maximum(prefix + m_tok + 1, 0) // BLOCK_N * BLOCK_N
     # Keys any row of the tile may see: up to its last real query.
     hi = tl.minimum(kv_len, prefix + tl.minimum(m_tok + TOKENS, q_len))
+    lo = 0
+    if SPLIT:  # this program's key range (all of them when the sequence has one split)
+        split_len = tl.cdiv(tl.cdiv(kv_len, n_split), BLOCK_N) * BLOCK_N
+        lo = tl.multiple_of(split * split_len, BLOCK_N)
+        split_end = lo + split_len
+        hi = tl.minimum(hi, split_end)
+        full_end = tl.multiple_of(tl.maximum(tl.minimum(full_end, split_end), lo), BLOCK_N)
     acc, l_i, m_i = _attend_keys(q, q_pos, k_cache_ptr, stride_kb, stride_ks, stride_kh,
                                  v_cache_ptr, stride_vb, stride_vs, stride_vh, bt_ptr, stride_bt, seq, kv_head,
-                                 0, full_end, hi, kv_len, block_size, qk_scale,
+                                 lo, full_end, hi, kv_len, block_size, qk_scale,
                                  BLOCK_M, HEAD_DIM, BLOCK_D, BLOCK_N, True)
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row that saw no key (invalid lengths) writes zeros, not NaN
-    o = (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty)
-    o_rows = (q_start + t).to(tl.int64) * stride_ot + h * stride_oh
-    o_ptrs = out_ptr + o_rows[:, None] + offs_d[None, :]
-    tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if SPLIT:  # the split's indices read again here rather than kept live across the key loop (registers)
+        n_split = tl.load(kv_splits_ptr + seq)
+        part = (tl.load(part_base_ptr + seq).to(tl.int64) * num_q_heads
+                + (t.to(tl.int64) * num_q_heads + h) * n_split + tl.program_id(1) % n_split)
+        _store_partial(part_o_ptr, part_lse_ptr, part, acc, l_i, m_i, offs_d, row_ok, HEAD_DIM)
+    else:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # a row that saw no key (invalid lengths) writes zeros, not NaN
+        o = (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty)
+        o_rows = (q_start + t).to(tl.int64) * stride_ot + h * stride_oh
+        o_ptrs = out_ptr + o_rows[:, None] + offs_d[None, :]
+        tl.store(o_ptrs, o, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def paged_prefill_reduce_kernel(
+    part_o_ptr,         # [partials, head_dim] fp32 normalized partial outputs (paged_prefill_attention_kernel)
+    part_lse_ptr,       # [partials] fp32 their log2-sum-exp2
+    cu_seqlens_ptr,     # [batch + 1] int32 cumulative query lengths
+    kv_splits_ptr,      # [batch] int32 KV splits of each sequence
+    part_base_ptr,      # [batch] int32 first partial row of each sequence
+    out_ptr,            # [total_q, q_heads, head_dim] output, q's dtype
+    stride_ot, stride_oh,
+    num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,    # splits combined per step
+):
+    """KV-split prefill, phase 2: out = sum_s w_s o_s / sum_s w_s, w_s = exp2(lse_s - max lse), in split order.
+
+    One program per (query head, query row, sequence); every sequence of the launch (one split: the merge of a
+    single partial gives it back unchanged). Grid: (q_heads, max_q_len, batch).
+    """
+    h = tl.program_id(0)
+    t = tl.program_id(1)
+    seq = tl.program_id(2)
+    n_split = tl.load(kv_splits_ptr + seq)
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    if t >= tl.load(cu_seqlens_ptr + seq + 1) - q_start:
+        return
+    base = tl.load(part_base_ptr + seq).to(tl.int64) * num_q_heads + (t * num_q_heads + h).to(tl.int64) * n_split
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    acc, l_i = _merge_splits(part_o_ptr, part_lse_ptr, base, n_split, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_S)
+    o_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + h * stride_oh + offs_d
+    tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit(do_not_specialize=["stride_bt", "max_splits", "capacity"])
@@ -243,16 +355,14 @@ def paged_decode_split_kernel(
                                  start, full_end, end, end, block_size, qk_scale,
                                  BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, False)
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    d_ok = offs_d[None, :] < HEAD_DIM
     if n_splits <= 1:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / l_safe[:, None]
         o_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + (h * stride_oh)[:, None] + offs_d[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok)
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     else:
         part = (seq.to(tl.int64) * num_q_heads + h) * max_splits + split  # [BLOCK_G]
-        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None] & d_ok)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=g_ok)
+        _store_partial(part_o_ptr, part_lse_ptr, part, acc, l_i, m_i, offs_d, g_ok, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["max_splits", "capacity"])
@@ -278,23 +388,8 @@ def paged_decode_reduce_kernel(
     if n_splits <= 1:
         return
     base = (seq.to(tl.int64) * num_q_heads + h) * max_splits
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([1], dtype=tl.float32)
-    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        s = s0 + offs_s
-        s_ok = s < n_splits
-        lse = tl.load(part_lse_ptr + base + s, mask=s_ok, other=float("-inf"))
-        o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(lse, 0))
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(lse - m_new)
-        l_i = l_i * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m_i = m_new
+    acc, l_i = _merge_splits(part_o_ptr, part_lse_ptr, base, n_splits, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_S)
     o_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + h * stride_oh + offs_d
     tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
