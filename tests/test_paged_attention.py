@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import trinfer.triton_kernels as tk
 from paged_cache import cu_seqlens, make_paged_batch, poison_
 from tolerances import DTYPES, assert_close, assert_rows_close, poisoned
-from trinfer.triton_kernels import decode_workspace_numel, paged_prefill_attention
+from trinfer.triton_kernels import decode_workspace_numel, paged_prefill_attention, plan_prefill_attention
 from trinfer.triton_kernels.kv_cache_layout import slot_mapping
 from trinfer.triton_kernels.references import paged_decode_attention_ref, paged_prefill_attention_ref
 
@@ -165,6 +165,88 @@ def test_prefill_batch_invariance(device):
     alone = paged_prefill_attention(q[cu[s]:cu[s + 1]], batch.k_cache, batch.v_cache, batch.block_tables[s:s + 1],
                                     cu_seqlens([lens[s][0]], device), batch.kv_lens[s:s + 1], 0.125)
     assert torch.equal(full[cu[s]:cu[s + 1]], alone)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Prefill with a KV split (plan_prefill_attention)
+# --------------------------------------------------------------------------------------------------------
+
+def _plan(lens, hq, hkv, head_dim, dtype, device, **kwargs):
+    kwargs.setdefault("min_split_keys", 16)  # short splits, so that short sequences split under the interpreter
+    return plan_prefill_attention([a for a, _ in lens], [b for _, b in lens], num_q_heads=hq, num_kv_heads=hkv,
+                                  head_dim=head_dim, dtype=dtype, device=device, **kwargs)
+
+
+# (q_len, kv_len), for 4 query heads over 1 KV head at head_dim 64: query tiles of 32 tokens (fp16/bf16) or 8
+# (fp32), key tiles of 64 (32), blocks of 16. Chunks one below, at and one above a query-tile edge, starting on
+# (64, 80) and off (64 + 31) block edges, crossing key-tile edges; one query over a long prefix; a fresh prompt;
+# no query. Expected splits, by hand: min(kv_len // 16, cdiv(32, query tiles)) (at least 1).
+SPLIT_CASES = {
+    torch.float16: ([(31, 95), (32, 96), (33, 161), (1, 200), (16, 16), (0, 5)], 32, [5, 6, 10, 12, 1, 1]),
+    torch.bfloat16: ([(31, 95), (32, 96), (33, 161), (1, 200), (16, 16), (0, 5)], 32, [5, 6, 10, 12, 1, 1]),
+    torch.float32: ([(7, 71), (8, 72), (9, 130), (1, 100), (16, 16), (0, 3)], 8, [4, 4, 8, 6, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_kv_split_matches_reference(dtype, device):
+    """Short chunks over longer prefixes, split over their keys (some splits see no key of some rows, some lie
+    past the sequence: their log-sum-exp is -inf), merged by the reduce: the reference's attention."""
+    lens, tokens, splits = SPLIT_CASES[dtype]
+    plan = _plan(lens, 4, 1, 64, dtype, device)
+    assert plan.tokens_per_tile == tokens and plan.kv_splits.tolist() == splits
+    assert plan.num_partials == sum(q * n for (q, _), n in zip(lens, splits))
+    got, expected = _run_prefill(lens, 64, 4, 1, dtype, device, plan=plan)
+    assert_close(got, expected, dtype)
+
+
+def test_prefill_kv_split_is_batch_invariant(device):
+    """A sequence's output does not depend on its batch: split, it equals its launch alone; unsplit within a
+    launch where another sequence is split, it equals (bitwise) a launch without any split."""
+    lens = [(7, 30), (1, 1), (20, 20), (4, 150), (16, 16)]
+    hq, hkv, d, dtype = 4, 1, 64, torch.bfloat16
+    batch = make_paged_batch([b for _, b in lens], hkv, d, dtype, device)
+    cu = cu_seqlens([a for a, _ in lens], device)
+    q = _q(int(cu[-1]), hq, d, dtype, device)
+    plan = _plan(lens, hq, hkv, d, dtype, device)
+    assert plan.kv_splits.tolist() == [1, 1, 1, 9, 1]
+    full = paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, cu, batch.kv_lens, 0.125,
+                                   plan=plan)
+    plain = paged_prefill_attention(q, batch.k_cache, batch.v_cache, batch.block_tables, cu, batch.kv_lens, 0.125)
+    for s in range(len(lens)):
+        rows = slice(int(cu[s]), int(cu[s + 1]))
+        alone = paged_prefill_attention(q[rows], batch.k_cache, batch.v_cache, batch.block_tables[s:s + 1],
+                                        cu_seqlens([lens[s][0]], device), batch.kv_lens[s:s + 1], 0.125,
+                                        plan=_plan([lens[s]], hq, hkv, d, dtype, device))
+        assert torch.equal(full[rows], alone), f"sequence {s}"
+        if s != 3:
+            assert torch.equal(full[rows], plain[rows]), f"sequence {s}"
+
+
+def test_prefill_plan_errors(device):
+    lens = [(3, 40), (5, 5)]
+    batch = make_paged_batch([b for _, b in lens], 1, 64, torch.float16, device)
+    cu = cu_seqlens([a for a, _ in lens], device)
+    q = _q(8, 4, 64, torch.float16, device)
+    args = (q, batch.k_cache, batch.v_cache, batch.block_tables, cu, batch.kv_lens, 0.125)
+    with pytest.raises(ValueError, match="plan: made for a batch of 1 sequences, got 2"):
+        paged_prefill_attention(*args, plan=_plan(lens[:1], 4, 1, 64, torch.float16, device))
+    with pytest.raises(ValueError, match="query tokens per tile"):  # planned for other heads
+        paged_prefill_attention(*args, plan=_plan(lens, 8, 1, 64, torch.float16, device))
+    with pytest.raises(TypeError, match="plan: expected a PrefillPlan"):
+        paged_prefill_attention(*args, plan=(1, 2))
+    plan = _plan(lens, 4, 1, 64, torch.float16, device)
+    bad = plan._replace(part_base=plan.part_base + 1)
+    with pytest.raises(ValueError, match="partial rows"):
+        paged_prefill_attention(*args, plan=bad, validate=True)
+    with pytest.raises(ValueError, match="kv_lens: expected one per sequence"):
+        plan_prefill_attention([1, 2], [3], num_q_heads=4, num_kv_heads=1, head_dim=64, dtype=torch.float16,
+                               device=device)
+    with pytest.raises(ValueError, match="num_q_heads"):
+        plan_prefill_attention([1], [3], num_q_heads=3, num_kv_heads=2, head_dim=64, dtype=torch.float16,
+                               device=device)
+    with pytest.raises(ValueError, match="workspace"):
+        paged_prefill_attention(*args, plan=plan, workspace=torch.empty(3, device=device))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ DECODE_SPLIT_TOKENS = 256  # keys per decode split: batch 1 at 8K context gives 
 HEAD_DIMS = (64, 80, 96, 128, 256)  # compile-checked and tuned; any head_dim in [MIN_HEAD_DIM, MAX_HEAD_DIM] runs
 MIN_HEAD_DIM, MAX_HEAD_DIM = 33, 256  # head dims are padded to a tile width of the config tables: 64, 128, 256
 _REDUCE_BLOCK_S = 16
+_PREFILL_REDUCE_HEADS = 16  # query heads per program of the KV-split prefill's merge
 
 
 class PrefillConfig(NamedTuple):
@@ -267,9 +268,9 @@ def _prefill_launch(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, ou
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
-        paged_prefill_reduce_kernel[(num_q_heads, max_q_len, batch)](
+        paged_prefill_reduce_kernel[(max_q_len, batch, triton.cdiv(num_q_heads, _PREFILL_REDUCE_HEADS))](
             part_o, part_lse, cu_seqlens_q, kv_splits, part_base, out, out.stride(0), out.stride(1), num_q_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_REDUCE_BLOCK_S, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=_PREFILL_REDUCE_HEADS, num_warps=4,
         )
 
 
@@ -672,7 +673,7 @@ def aot_specs(head_dims=HEAD_DIMS, dtypes=FLOAT_DTYPES) -> list[AotSpec]:
             signature={"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "cu_seqlens_ptr": "*i32",
                        "kv_splits_ptr": "*i32", "part_base_ptr": "*i32", "out_ptr": t, "stride_ot": "i32",
                        "stride_oh": "i32", "num_q_heads": "i32"},
-            constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": _REDUCE_BLOCK_S},
+            constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_H": _PREFILL_REDUCE_HEADS},
             num_warps=4,
             extra={"divisible_by_16": ("stride_ot", "stride_oh")},
         ))

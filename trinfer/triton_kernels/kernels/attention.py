@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: causal prefill/extend, split-KV decode, and the decode reduce.
+"""Attention over the paged KV cache: causal prefill/extend (optionally split over keys, with its reduce), split-KV
+decode, and the decode reduce.
 
 Cache layout: `trinfer.triton_kernels.kv_cache_layout` (`[num_blocks, block_size, kv_heads, head_dim]` per layer,
 `block_tables [batch, max_blocks]` int32). Every kernel computes, per query row of head `h` at position `p`,
@@ -125,31 +126,6 @@ def _store_partial(part_o_ptr, part_lse_ptr, part, acc, l_i, m_i, offs_d, rows_o
     tl.store(part_lse_ptr + part[:, None] + 0 * offs_d[None, :], lse, mask=rows_ok[:, None] & (offs_d[None, :] == 0))
 
 
-@triton.jit
-def _merge_splits(part_o_ptr, part_lse_ptr, base, n_splits, offs_d, d_ok,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the partials `base .. base + n_splits - 1` of one query row and head (outputs `[., HEAD_DIM]` fp32,
-    log2-sum-exp2s), in split order: returns (sum_s w_s o_s, sum_s w_s) with w_s = exp2(lse_s - running max).
-    The first split must have seen a key (a finite lse)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([1], dtype=tl.float32)
-    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
-        s = s0 + offs_s
-        s_ok = s < n_splits
-        lse = tl.load(part_lse_ptr + base + s, mask=s_ok, other=float("-inf"))
-        o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(lse, 0))
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(lse - m_new)
-        l_i = l_i * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m_i = m_new
-    return acc, l_i
-
-
 # Values that change from step to step (table width, capacity, grid bounds) are not specialized, so that a
 # growing context never triggers a recompile mid-generation (the JIT would otherwise specialize ints == 1
 # and multiples of 16).
@@ -274,26 +250,39 @@ def paged_prefill_reduce_kernel(
     stride_ot, stride_oh,
     num_q_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,    # splits combined per step
+    BLOCK_H: tl.constexpr,    # query heads per program
 ):
     """KV-split prefill, phase 2: out = sum_s w_s o_s / sum_s w_s, w_s = exp2(lse_s - max lse), in split order.
 
-    One program per (query head, query row, sequence); every sequence of the launch (one split: the merge of a
-    single partial gives it back unchanged). Grid: (q_heads, max_q_len, batch).
+    One program per (query row, sequence, BLOCK_H query heads); every sequence of the launch (one split: the
+    merge of a single partial gives it back unchanged). Grid: (max_q_len, batch, cdiv(q_heads, BLOCK_H)).
     """
-    h = tl.program_id(0)
-    t = tl.program_id(1)
-    seq = tl.program_id(2)
-    n_split = tl.load(kv_splits_ptr + seq)
+    t = tl.program_id(0)
+    seq = tl.program_id(1)
     q_start = tl.load(cu_seqlens_ptr + seq)
     if t >= tl.load(cu_seqlens_ptr + seq + 1) - q_start:
         return
-    base = tl.load(part_base_ptr + seq).to(tl.int64) * num_q_heads + (t * num_q_heads + h).to(tl.int64) * n_split
+    n_split = tl.load(kv_splits_ptr + seq)
+    h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = h < num_q_heads
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    acc, l_i = _merge_splits(part_o_ptr, part_lse_ptr, base, n_split, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_S)
-    o_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + h * stride_oh + offs_d
-    tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
+    base = tl.load(part_base_ptr + seq).to(tl.int64) * num_q_heads + (t * num_q_heads + h).to(tl.int64) * n_split
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    for s in range(0, n_split):  # split 0 has seen a key: the running max is finite from the first step on
+        lse = tl.load(part_lse_ptr + base + s, mask=h_ok, other=0.0)
+        o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m_i = m_new
+    o_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + (h * stride_oh)[:, None] + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["stride_bt", "max_splits", "capacity"])
@@ -388,8 +377,23 @@ def paged_decode_reduce_kernel(
     if n_splits <= 1:
         return
     base = (seq.to(tl.int64) * num_q_heads + h) * max_splits
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    acc, l_i = _merge_splits(part_o_ptr, part_lse_ptr, base, n_splits, offs_d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_S)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([1], dtype=tl.float32)
+    m_i = tl.full([1], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + offs_s
+        s_ok = s < n_splits
+        lse = tl.load(part_lse_ptr + base + s, mask=s_ok, other=float("-inf"))
+        o = tl.load(part_o_ptr + (base + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse - m_new)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m_i = m_new
     o_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + h * stride_oh + offs_d
     tl.store(o_ptrs, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
