@@ -38,6 +38,10 @@ def test_generate_stream_and_stop(tiny, capsys):
     assert main(base) == 0
     plain = capsys.readouterr()
     assert "12 tokens, finish: length" in plain.err and "torch backend, float32, cpu" in plain.err
+    assert "prefix cache 0/7 prompt tokens reused (0.0%)" in plain.err  # BOS + 6 tokens; a fresh engine
+    assert main(base + ["--no-prefix-caching", "--max-num-batched-tokens", "2"]) == 0  # prompt in 3 chunks
+    other = capsys.readouterr()
+    assert other.out == plain.out and "prefix caching off" in other.err
     text = plain.out[:-1]  # the trailing newline
     assert len(text) >= 6
     assert main(base + ["--stream", "--quiet", "--no-cuda-graphs"]) == 0  # (graphs are CUDA-only anyway)
@@ -54,6 +58,7 @@ def test_generate_stream_and_stop(tiny, capsys):
     (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens: expected an int >= 1, got 0"),
     (["generate", "hi", "--device", "tpu"], "device"),
     (["generate", "hi", "--threads", "0"], "--threads: expected an int >= 1, got 0"),
+    (["generate", "hi", "--max-num-batched-tokens", "0"], "max_num_batched_tokens: expected an int >= 1"),
 ])
 def test_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -68,6 +73,10 @@ def test_parser_has_subcommands():
     args = parser.parse_args(["generate", "x", "--backend", "torch", "--dtype", "float32", "--chat"])
     assert (args.command, args.prompt, args.backend, args.dtype, args.chat) == ("generate", "x", "torch", "float32", True)
     assert args.cuda_graphs is True and parser.parse_args(["generate", "x", "--no-cuda-graphs"]).cuda_graphs is False
+    assert args.prefix_caching is True and args.max_num_batched_tokens is None
+    for command in (["generate", "x"], ["profile"]):
+        args = parser.parse_args(command + ["--no-prefix-caching", "--max-num-batched-tokens", "64"])
+        assert args.prefix_caching is False and args.max_num_batched_tokens == 64
 
 
 def test_internal_errors_exit_1_with_a_hint_and_debug_shows_the_traceback(capsys):

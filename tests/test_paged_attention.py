@@ -586,6 +586,19 @@ def test_long_contexts_cuda(head_dim, hq, hkv, dtype, device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim, hq, hkv", LONG_HEADS)
+def test_long_prefix_kv_split_cuda(head_dim, hq, hkv, dtype, device):
+    """Short chunks over long cached prefixes with the default split sizes (up to 64 splits), next to an unsplit
+    long chunk in the same launch."""
+    lens = [(16, 8192), (1, 4097), (100, 20000), (512, 2048), (2048, 2048)]
+    plan = _plan(lens, hq, hkv, head_dim, dtype, device, min_split_keys=256)
+    assert plan.split and max(plan.kv_splits.tolist()) > 16
+    got, expected = _run_prefill(lens, head_dim, hq, hkv, dtype, device, plan=plan)
+    assert_close(got, expected, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, hq, hkv", LONG_HEADS)
 def test_long_contexts_decode_cuda(head_dim, hq, hkv, dtype, device, kernel_backend):
     got, expected = _run_decode(kernel_backend, [8192 + 5, 1, 300, 16384], head_dim, hq, hkv, dtype, device)
     assert_close(got, expected, dtype)

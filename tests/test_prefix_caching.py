@@ -292,3 +292,28 @@ def test_bad_arguments(llama):
         engine(loaded, max_num_batched_tokens=2.5)
     with pytest.raises(TypeError, match="enable_prefix_caching: expected a bool"):
         engine(loaded, enable_prefix_caching="no")
+
+
+def test_triton_kernels_with_cached_prefixes_chunks_and_kv_splits(tmp_path):
+    """The Triton kernels (interpreted on a CPU), tiny model: cached prefixes, chunks of 5 tokens and the prefill
+    attention split over keys (planned with 8-key splits, so that these short prompts split) give the tokens of
+    the torch backend without cache or chunks."""
+    from trinfer.triton_kernels import plan_prefill_attention
+
+    path = make_hf_checkpoint(str(tmp_path), "llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    tiny = load_model_files(path, device="cpu", dtype=torch.float32, progress=False)
+    stem = [1] + [(11 * j) % 300 + 5 for j in range(19)]
+    prompts = [stem + [7, 8], stem[:14] + [9], stem + [3, 3, 3, 3, 3]]
+    ref, _ = serve(engine(tiny, enable_prefix_caching=False, max_num_batched_tokens=4096), prompts, 4, [0, 2, 3])
+    eng = engine(tiny, backend="triton", max_num_batched_tokens=6)
+    plans = []
+
+    def planner(q_lens, kv_lens):
+        plans.append(plan_prefill_attention(q_lens, kv_lens, num_q_heads=2, num_kv_heads=1, head_dim=64,
+                                            dtype=torch.float32, device="cpu", min_split_keys=8))
+        return plans[-1]
+
+    eng.runner._plan_prefill = planner
+    got, cached = serve(eng, prompts, 4, [0, 2, 3])
+    assert got == ref and cached[1] == 12 and cached[2] == 20
+    assert any(p.split for p in plans)

@@ -30,6 +30,10 @@ def test_profile_command(tmp_path, capsys):
     assert decode["kernels"] and decode["busy_us"] > 0
     assert abs(sum(k["pct"] for k in decode["kernels"]) - 100.0) < 1e-6
     assert "time to first token" in out and "trace_decode.json" in out
+    # warm-up prompts differ from the profiled ones: the profiled prefill computes its prompts
+    assert summary["prefix_caching"] and summary["prefix_cache"]["hit_tokens"] == 0
+    assert summary["prefix_cache"]["prompt_tokens"] == 2 * 2 * 20 and summary["prefill_steps"] == 1
+    assert "prefix cache 0/80 prompt tokens reused (0.0%) in the warm-up and profiled requests" in out
     if HAS_CUDA:
         assert decode["host_overhead_pct"] is not None and summary["backend"] == "triton"
     else:

@@ -3,10 +3,11 @@
     trinfer generate "prompt" [--model PATH] [--max-new-tokens N] [--chat [--no-thinking]] [--stream] [--stop S]
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
                      [--device cpu|cuda] [--no-cuda-graphs] [--quantize int8|int4] [--batch-invariant]
-                     [--tensor-parallel N]
+                     [--tensor-parallel N] [--no-prefix-caching] [--max-num-batched-tokens N]
     torchrun --nproc-per-node N -m trinfer generate ...   (every rank runs it; rank 0 prints, the others follow)
     trinfer serve [--model PATH] [--host 127.0.0.1] [--port 8000] [engine options] [--max-num-seqs N] ...
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
+                    [--no-prefix-caching] [--max-num-batched-tokens N]
 
 Each command is a pair of functions: `_add_<command>(subparsers)` declares its arguments and
 `_run_<command>(args)` runs it; `_COMMANDS` lists them. Every command runs through `run_command`, which
@@ -53,6 +54,17 @@ def _add_engine_options(p) -> None:
                         "its WORLD_SIZE")
     p.add_argument("--tp-timeout", type=float, default=None, metavar="S",
                    help="seconds a tensor-parallel collective (and start-up) may wait (600)")
+    add_scheduling_arguments(p)
+
+
+def add_scheduling_arguments(p: argparse.ArgumentParser, *, default_budget: str = "") -> None:
+    """--prefix-caching / --no-prefix-caching and --max-num-batched-tokens (generate, serve and profile)."""
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompt prefixes that earlier requests computed (default on); "
+                        "--no-prefix-caching computes every prompt in full")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="most tokens computed per step: longer prompts are prefilled in chunks while running "
+                        f"requests keep decoding (default {default_budget or '128 on the CPU, 512 on CUDA'})")
 
 
 def _engine_kwargs(args) -> dict:
@@ -65,7 +77,8 @@ def _engine_kwargs(args) -> dict:
         torch.set_num_threads(args.threads)
     kwargs = dict(dtype=args.dtype, backend=args.backend, device=args.device, block_size=args.block_size,
                   num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs, quantize=args.quantize,
-                  batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel)
+                  batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel,
+                  enable_prefix_caching=args.prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens)
     if args.tp_timeout is not None:
         kwargs["tp_timeout"] = args.tp_timeout
     return kwargs
@@ -119,7 +132,8 @@ def _run_generate(args) -> int:
         print(f"[{len(out.token_ids)} tokens, finish: {out.finish_reason}; time to first token "
               f"{t.ttft * 1e3:.1f} ms; decode {f'{tps:.1f} tokens/s' if tps else 'n/a'}; {eng.backend_name} backend, "
               f"{str(eng.dtype).removeprefix('torch.')}, {eng.device}"
-              f"{'; ' + eng.runner.graph_summary() if eng.device.type == 'cuda' else ''}]", file=sys.stderr)
+              f"{'; ' + eng.runner.graph_summary() if eng.device.type == 'cuda' else ''}; "
+              f"{eng.prefix_cache_summary()}]", file=sys.stderr)
     return 0
 
 
@@ -189,6 +203,7 @@ def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="per-kernel time of a prefill and a decode step, host overhead, traces",
                        description=profiler.__doc__.split("\n\n")[0])
     profiler.add_arguments(p)
+    add_scheduling_arguments(p, default_budget=profiler.PROFILE_BUDGET_HELP)
 
 
 def _run_profile(args) -> int:

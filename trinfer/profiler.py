@@ -71,8 +71,10 @@ def _engine(args):
     dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
     max_len = args.context + max(args.steps, args.warmup_steps) + 2
     blocks = args.batch * (blocks_needed(max_len, 16) + 1) + 8
+    budget = getattr(args, "max_num_batched_tokens", None) or args.batch * max_len
     kw = dict(device=device, backend=args.backend, max_num_seqs=args.batch, num_kv_blocks=blocks,
-              max_num_batched_tokens=args.batch * max_len, cuda_graphs=getattr(args, "cuda_graphs", True))
+              max_num_batched_tokens=budget, cuda_graphs=getattr(args, "cuda_graphs", True),
+              enable_prefix_caching=getattr(args, "prefix_caching", True))
     shape, note = args.shape, None
     if args.model is None and shape is None:
         from trinfer.runtime.default_model import default_model_path
@@ -98,8 +100,8 @@ def _engine(args):
     return Engine(loaded, max_model_len=max_len + 4, **kw), f"{path}", note
 
 
-def _prompts(engine, batch: int, length: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
+def _prompts(engine, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     vocab = engine.config.vocab_size
     return torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g).tolist()
 
@@ -180,8 +182,9 @@ def run(args) -> dict[str, Any]:
     notes = ([] if on_gpu else [CPU_NOTE]) + ([note] if note else [])
     prompts = _prompts(engine, args.batch, args.context)
 
-    # Warm-up: the same shapes once (Triton JIT, cuBLAS handles, allocator), untimed.
-    _add(engine, prompts, args.warmup_steps + 1)
+    # Warm-up: the same shapes once (Triton JIT, cuBLAS handles, allocator), untimed; other tokens, so that the
+    # profiled prefill computes its prompts rather than finding them in the prefix cache.
+    _add(engine, _prompts(engine, args.batch, args.context, seed=1), args.warmup_steps + 1)
     for _ in engine.run_until_done():
         pass
     _sync(device)
@@ -189,14 +192,19 @@ def run(args) -> dict[str, Any]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     args.out.mkdir(parents=True, exist_ok=True)
     ids = _add(engine, prompts, args.steps + 1)
-    # Prefill: the first step admits the whole batch and returns each sequence's first token.
+    # Prefill: the steps until every sequence has its first token (one step unless --max-num-batched-tokens
+    # chunks the batch's prompts).
     with profile(activities=activities) as prof_prefill:
         t0 = time.perf_counter()
-        outs = engine.step()
+        outs, n_prefill_steps = [], 0
+        while len({o.request_id for o in outs}) < len(ids) and engine.has_unfinished():
+            outs += engine.step()
+            n_prefill_steps += 1
         _sync(device)
         t_prefill = time.perf_counter() - t0
-    if len(outs) != len(ids):
-        notes.append(f"the first step prefilled {len(outs)} of {len(ids)} sequences (KV cache or token limits)")
+    if n_prefill_steps > 1:
+        notes.append(f"the prompts were prefilled in {n_prefill_steps} steps (max_num_batched_tokens "
+                     f"{engine.scheduler.max_num_batched_tokens}); the prefill figures cover all of them")
     step_times: list[float] = []
     replays0 = engine.runner.num_graph_replays
     # Decode as the engine serves: no sync between steps (each step() launches the next step before it waits
@@ -251,6 +259,11 @@ def run(args) -> dict[str, Any]:
         "graph_memory_mib": runner.graph_memory_bytes / 2**20 if runner.graph_memory_bytes is not None else None,
         "decode_graph_replays": runner.num_graph_replays - replays0,
         "decode_stats": dict(engine.decode_stats),
+        "prefill_steps": n_prefill_steps,
+        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+        "prefix_caching": engine.scheduler.block_manager.enable_prefix_caching,
+        "prefix_cache": engine.prefix_cache_stats.as_dict(),
+        "prefix_cache_summary": engine.prefix_cache_summary(),
         "traces": [str(trace_prefill), str(trace_decode)],
         "notes": notes,
     }
@@ -268,6 +281,8 @@ def report(summary: dict[str, Any], top: int = 15) -> str:
         lines.append(f"NOTE: {note}")
     if s.get("cuda_graphs"):
         lines.append(f"{s['cuda_graphs']}; {s['decode_graph_replays']} of {s['steps']} decode steps replayed")
+    lines.append(f"{s['prefix_cache_summary']} in the warm-up and profiled requests; at most "
+                 f"{s['max_num_batched_tokens']} tokens per step, prefill in {s['prefill_steps']} step(s)")
     med, p90 = s["decode_step_ms"]["median"], s["decode_step_ms"]["p90"]
     tps = s["tokens_per_s"]
     lines.append(f"time to first token {s['ttft_ms']:.2f} ms; per-token latency median "
@@ -289,9 +304,15 @@ def report(summary: dict[str, Any], top: int = 15) -> str:
     return "\n".join(lines)
 
 
+PROFILE_BUDGET_HELP = "batch x (context + steps): the whole batch's prefill in one step"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from trinfer.cli import add_scheduling_arguments
+
     p = argparse.ArgumentParser(prog="trinfer profile", description=__doc__.splitlines()[0])
     add_arguments(p)
+    add_scheduling_arguments(p, default_budget=PROFILE_BUDGET_HELP)
     args = p.parse_args(argv)
     return run_cli(args)
 

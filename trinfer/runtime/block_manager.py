@@ -23,6 +23,12 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def check_enable_prefix_caching(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"enable_prefix_caching: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 class BlockManager:
     """Args: num_blocks, block_size; enable_prefix_caching; cache_identity: what besides the tokens determines a
     block's K/V (model, dtype, ...), folded into the root of every key."""
@@ -33,8 +39,7 @@ class BlockManager:
             raise ValueError(f"num_blocks: expected an int >= 1, got {num_blocks!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
-        if not isinstance(enable_prefix_caching, bool):
-            raise TypeError(f"enable_prefix_caching: expected a bool, got {type(enable_prefix_caching).__name__}")
+        check_enable_prefix_caching(enable_prefix_caching)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching

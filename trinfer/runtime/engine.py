@@ -32,7 +32,7 @@ import torch
 from trinfer.triton_kernels.kv_cache_layout import check_block_size
 
 from . import tp_worker
-from .block_manager import BlockManager, blocks_needed
+from .block_manager import BlockManager, blocks_needed, check_enable_prefix_caching
 from .distributed import DEFAULT_TIMEOUT_S, start_tensor_parallel, tensor_parallel_requested
 from .prefix_cache import PrefixCacheStats
 from .kv_cache import choose_num_blocks
@@ -300,6 +300,7 @@ class Engine:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected an int >= 1, got {type(value).__name__} {value!r}")
         check_block_size(block_size)  # a power of two, as the kernels require
+        check_enable_prefix_caching(enable_prefix_caching)  # refused before the model loads
         weights_device = model.weights["embed_tokens"].device if isinstance(model, LoadedModel) else None
         # A loaded model runs where its weights are, unless a device is named (then they must be on it).
         self.device = resolve_device(weights_device if device is None else device)
@@ -571,6 +572,12 @@ class Engine:
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prefix-cache hits so far (requests, prompt tokens, tokens reused, hit rate, evictions)."""
         return self.scheduler.block_manager.stats
+
+    def prefix_cache_summary(self) -> str:
+        """One line on the prefix cache (for the CLI and logs): its hits so far, or that it is off."""
+        if not self.scheduler.block_manager.enable_prefix_caching:
+            return "prefix caching off"
+        return self.prefix_cache_stats.summary()
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

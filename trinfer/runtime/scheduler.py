@@ -55,14 +55,18 @@ class ScheduledStep:
         return len(self.decode) + sum(self.prefill_tokens)
 
 
+def check_max_num_batched_tokens(value) -> int:
+    """ValueError unless `value` is an int >= 1 (the per-step token budget)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_num_batched_tokens: expected an int >= 1 (tokens computed per step), got {value!r}")
+    return value
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: expected an int >= 1, got {max_num_seqs!r}")
-        if (isinstance(max_num_batched_tokens, bool) or not isinstance(max_num_batched_tokens, int)
-                or max_num_batched_tokens < 1):
-            raise ValueError(f"max_num_batched_tokens: expected an int >= 1 (tokens computed per step), got "
-                             f"{max_num_batched_tokens!r}")
+        check_max_num_batched_tokens(max_num_batched_tokens)
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
