@@ -134,10 +134,12 @@ class _Shape:
             self.trinfer_weight_bytes = sum(w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
                                             for w in weights.values())
         blocks = max_batch * (blocks_needed(max_len, 16) + 1) + 16
+        # No prefix caching: the timed run repeats the warm-up's prompts, and TTFT here means a full prefill (as
+        # transformers does it); one step prefills the whole batch.
         self.engine = Engine(engine_model, device=device, backend=backend, max_num_seqs=max_batch,
                              num_kv_blocks=blocks, max_model_len=max_len + 8,
                              max_num_batched_tokens=max_batch * max_len, cuda_graphs=cuda_graphs,
-                             batch_invariant=batch_invariant)
+                             batch_invariant=batch_invariant, enable_prefix_caching=False)
         self.build_s = time.perf_counter() - t0  # CUDA-graph capture included (runner.graph_capture_s)
         self._hf = None
 

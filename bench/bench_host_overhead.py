@@ -159,8 +159,10 @@ class _StubRunner:
     def __init__(self, buffers: DecodeBuffers):
         self.buffers = buffers
 
-    def run(self, seqs, is_prefill):
-        return [11] * len(seqs), [-0.25] * len(seqs)
+    def run(self, seqs, is_prefill, num_new_tokens=None):
+        done = [s for i, s in enumerate(seqs)  # the sequences whose run reaches their last token
+                if num_new_tokens is None or s.num_computed_tokens + num_new_tokens[i] == s.num_tokens]
+        return [11] * len(done), [-0.25] * len(done)
 
     def launch_decode(self, seqs, *, ids_on_device=False):
         from trinfer.runtime.model_runner import PendingDecode
