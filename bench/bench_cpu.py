@@ -1,7 +1,8 @@
 """CPU decode speed: trinfer's torch backend against Hugging Face transformers, same prompts, same weights, same run.
 
 A CPU measurement (not a GPU one): the default model (SmolLM2-135M-Instruct, the GGUF dequantized to fp32) is
-loaded once; trinfer runs it with `LLM(backend="torch", dtype="float32", device="cpu", enable_prefix_caching=False)`, and transformers'
+loaded once; trinfer runs it with `LLM(backend="torch", dtype="float32", device="cpu")` (no prefix caching, no
+chunking: each run is a full one-pass prefill, as transformers does), and transformers'
 `LlamaForCausalLM` (sdpa attention, its default on the CPU) runs on the very same tensors
 (`trinfer.runtime.random_model.hf_model`: q/k/v and gate/up are row views of trinfer's fused matrices, no copy).
 trinfer keeps its own copies of the fp32 matrices whose output dim is at least their input dim, stored
@@ -240,9 +241,10 @@ def main(argv=None) -> dict[str, Any]:
     loaded = load_model_files(args.model, device="cpu", dtype=torch.float32, progress=False)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    # No prefix caching: every repetition sends the same prompt, and TTFT here means a full prefill, as
-    # transformers does it (bench_serving_cpu measures what the cache saves).
-    llm = LLM(loaded, backend="torch", dtype="float32", device="cpu", max_num_seqs=1, enable_prefix_caching=False)
+    # No prefix caching and no chunking: every repetition sends the same prompt, and TTFT here means a full
+    # prefill in one pass, as transformers does it (bench_serving measures what the cache and chunks change).
+    llm = LLM(loaded, backend="torch", dtype="float32", device="cpu", max_num_seqs=1, enable_prefix_caching=False,
+              max_num_batched_tokens=8192)
     engine_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     hf = hf_model(loaded, hf_config_dict(loaded.config))

@@ -1,8 +1,12 @@
 """Benchmark paged prefill attention: causal attention of a prompt's queries to its paged K/V (TFLOP/s).
 
-Two kinds of case, one sequence each, blocks of 16 tokens drawn from a shuffled pool:
+Three kinds of case, one sequence each, blocks of 16 tokens drawn from a shuffled pool:
     prompt  a fresh prompt of L tokens (q_len = kv_len = L), contexts 512..32K;
-    chunk   512 new tokens continuing a cached prefix (q_len = 512, kv_len = L): chunked prefill (full sweep).
+    chunk   512 new tokens continuing a cached prefix (q_len = 512, kv_len = L): chunked prefill (full sweep);
+    short   16 new tokens after a long cached prefix (q_len = 16, kv_len = L): a prefix-cache hit or a small chunk,
+            where the kernel splits the keys (also in --quick).
+`triton` runs the launch plan the engine makes (`plan_prefill_attention`: KV splits where they apply);
+`triton_unsplit` the same kernel without a plan, on the chunk and short cases, to show what the split buys.
 FLOPs: 4 * Hq * D * (number of causal (query, key) pairs); pairs = q_len*(kv_len - q_len) + q_len*(q_len+1)/2.
 Bytes: q and out 2*q_len*Hq*D*e + K and V 2*kv_len*Hkv*D*e (+ the block table), also shown as GB/s.
 
@@ -33,6 +37,8 @@ from bench.bench_decode_attention import attention_library_providers, gather_con
 REF_MAX_GIB = 6.0
 CHUNK = 512
 TINY_CHUNK = 8
+SHORT = 16
+TINY_SHORT = 4
 
 
 def causal_pairs(q_len: int, kv_len: int) -> int:
@@ -58,33 +64,37 @@ def _ref_gib(q_len: int, kv_len: int, q_heads: int, head_dim: int) -> float:
 
 
 def _make(device, dtype, m: S.ModelShape, q_len: int, kv_len: int, bs: int) -> dict:
+    from trinfer.triton_kernels import plan_prefill_attention
+
     tables, num_blocks = H.paged_block_tables([kv_len], bs, device, spare_blocks=4)
     shape = (num_blocks, bs, m.n_kv_heads, m.head_dim)
     q = H.randn((q_len, m.n_heads, m.head_dim), dtype, device)
+    plan = plan_prefill_attention([q_len], [kv_len], num_q_heads=m.n_heads, num_kv_heads=m.n_kv_heads,
+                                  head_dim=m.head_dim, dtype=dtype, device=device)
     return {
         "q": q, "k_cache": H.randn(shape, dtype, device), "v_cache": H.randn(shape, dtype, device),
         "block_tables": tables, "cu_seqlens_q": torch.tensor([0, q_len], dtype=torch.int32, device=device),
         "kv_lens": torch.tensor([kv_len], dtype=torch.int32, device=device), "scale": m.head_dim ** -0.5,
-        "out": torch.empty_like(q), "q_len": q_len, "kv_len": kv_len,
+        "out": torch.empty_like(q), "q_len": q_len, "kv_len": kv_len, "plan": plan,
     }
 
 
 def cases(size: str, dtype: torch.dtype) -> list[H.Case]:
     models = H.size_set(size, S.MODELS, S.QUICK_MODELS, (S.TINY,))
     contexts = H.size_set(size, S.PREFILL_CONTEXTS, S.QUICK_PREFILL_CONTEXTS, S.TINY_CONTEXTS)
-    chunk = TINY_CHUNK if size == "tiny" else CHUNK
-    kinds = ("prompt", "chunk") if size in ("full", "tiny") else ("prompt",)
+    new_tokens = {"chunk": TINY_CHUNK if size == "tiny" else CHUNK, "short": TINY_SHORT if size == "tiny" else SHORT}
+    kinds = ("prompt", "chunk", "short") if size in ("full", "tiny") else ("prompt", "short")
     bs, e = S.BLOCK_SIZE, H.itemsize(dtype)
     out = []
     for m in models:
         for kind in kinds:
             for kv_len in contexts:
-                q_len = kv_len if kind == "prompt" else chunk
-                if kind == "chunk" and kv_len <= chunk:
+                q_len = kv_len if kind == "prompt" else new_tokens[kind]
+                if kind != "prompt" and kv_len <= q_len:
                     continue
-                label = f"{m.name} prompt L={kv_len}" if kind == "prompt" else f"{m.name} chunk {q_len}@{kv_len}"
+                label = f"{m.name} prompt L={kv_len}" if kind == "prompt" else f"{m.name} {kind} {q_len}@{kv_len}"
                 out.append(H.Case(
-                    label=label, group=f"{m.name} {kind}" + (f" {q_len}" if kind == "chunk" else ""),
+                    label=label, group=f"{m.name} {kind}" + (f" {q_len}" if kind != "prompt" else ""),
                     x=kv_len, x_name="context (kv tokens)",
                     params={"model": m.name, "kind": kind, "q_len": q_len, "kv_len": kv_len, "q_heads": m.n_heads,
                             "kv_heads": m.n_kv_heads, "head_dim": m.head_dim, "block_size": bs},
@@ -108,6 +118,10 @@ def _args(i):
 
 
 def _triton_kwargs(i):
+    return {"out": i["out"], "plan": i["plan"]}
+
+
+def _unsplit_kwargs(i):
     return {"out": i["out"], "max_q_len": i["q_len"]}
 
 
@@ -151,6 +165,11 @@ def benchmarks() -> list[H.Benchmark]:
     for p in providers:
         if p.name == "cuda":
             p.build = H.bind(lambda: H.cuda_op("paged_prefill_attention"), _args)
+    unsplit = H.Provider("triton_unsplit", H.bind(lambda: H.triton_op("paged_prefill_attention"), _args,
+                                                  _unsplit_kwargs), "ours",
+                         skip=lambda c: "a fresh prompt is never split" if c.params["kind"] == "prompt" else None,
+                         note="no launch plan: never split over keys")
+    providers.insert(2, unsplit)
     return [H.Benchmark("paged_prefill_attention", "causal attention of new tokens over their paged K/V", cases,
                         providers)]
 

@@ -43,24 +43,27 @@ def shared_prompts(seed: int, n: int = 6) -> list[list[int]]:
     return [stems[i % 2][: cuts[i % len(cuts)]] + [rng.randrange(5, 500) for _ in range(i % 4)] for i in range(n)]
 
 
-def serve(eng, prompts, new, arrivals=None):
-    """Add prompt i at step arrivals[i] (default: all at once); returns ({i: token_ids}, {i: num_cached_tokens})."""
+def serve_outputs(eng, prompts, new, arrivals=None) -> dict:
+    """Add prompt i at step arrivals[i] (default: all at once); returns {i: final RequestOutput}."""
     arrivals = arrivals or [0] * len(prompts)
-    ids, final, cached, step = {}, {}, {}, 0
+    ids, final, step = {}, {}, 0
     while len(final) < len(prompts):
         for i, at in enumerate(arrivals):
             if at == step:
                 ids[eng.add_request(prompts[i], max_new_tokens=new[i] if isinstance(new, list) else new,
                                     ignore_eos=True)] = i
-        for out in eng.step():
-            if out.finished:
-                final[ids[out.request_id]] = out.token_ids
-                cached[ids[out.request_id]] = out.num_cached_tokens
+        final.update((ids[o.request_id], o) for o in eng.step() if o.finished)
         step += 1
         assert step < 2000
     bm = eng.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.pool.ref_count)  # no reference left
-    return final, cached
+    return final
+
+
+def serve(eng, prompts, new, arrivals=None):
+    """As serve_outputs: ({i: token_ids}, {i: num_cached_tokens})."""
+    final = serve_outputs(eng, prompts, new, arrivals)
+    return {i: o.token_ids for i, o in final.items()}, {i: o.num_cached_tokens for i, o in final.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,15 +216,7 @@ def test_cached_blocks_hold_the_kv_of_their_tokens(llama):
     _, loaded = llama
     prompts, arrivals, new = shared_prompts(4, 6), [0, 0, 2, 3, 5, 5], [13, 9, 12, 7, 10, 11]
     eng = engine(loaded, num_kv_blocks=14, max_num_batched_tokens=7)
-    ids, tokens, step = {}, {}, 0
-    while len(tokens) < len(prompts):
-        for i, at in enumerate(arrivals):
-            if at == step:
-                ids[eng.add_request(prompts[i], max_new_tokens=new[i], ignore_eos=True)] = i
-        for out in eng.step():
-            if out.finished:
-                tokens[ids[out.request_id]] = out.prompt_token_ids + out.token_ids
-        step += 1
+    tokens = {i: o.prompt_token_ids + o.token_ids for i, o in serve_outputs(eng, prompts, new, arrivals).items()}
     assert eng.decode_stats["continued"] > 0 and eng.num_preemptions > 0
     bm = eng.scheduler.block_manager
     chains = {}  # key -> the tokens of its whole chain

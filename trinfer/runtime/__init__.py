@@ -6,8 +6,8 @@ Modules, in the order a request meets them (nano-vllm's layout):
     config, loader, tokenizer, default_model   checkpoint -> ModelConfig, fused weights, tokenizer
     fields, chat_template                      typed reads of untrusted model files; bounded chat templates
     sampling_params, sequence                  a request and its state
-    block_manager, kv_cache                    the paged KV cache and who owns which block
-    scheduler                                  continuous batching, preemption by recompute
+    prefix_cache, block_manager, kv_cache      the paged KV cache: shared cached blocks, who holds which block
+    scheduler                                  continuous batching, chunked prefill, preemption by recompute
     attention_metadata, model, model_runner    one forward pass: metadata, the model, the argmax
     memory_plan, engine, llm                   what fits in memory; add_request / step / abort; the batch API
     distributed, tp_worker                     tensor parallelism: shards, process groups, collectives; the

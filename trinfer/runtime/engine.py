@@ -253,7 +253,8 @@ class Engine:
         block_size: tokens per KV block, a power of two up to 256.
         max_num_batched_tokens: most tokens computed in one step (chunked prefill): every running stream's next
             token first, then chunks of prompts; a longer prompt is prefilled over several steps while the
-            running streams keep decoding. Default `scheduler.DEFAULT_MAX_NUM_BATCHED_TOKENS`.
+            running streams keep decoding. Default `scheduler.DEFAULT_MAX_NUM_BATCHED_TOKENS` for the device
+            type (128 on the CPU, 512 on CUDA).
         enable_prefix_caching: reuse the K/V of full blocks that earlier requests computed for the same leading
             tokens (default True); outputs are the same either way. `prefix_cache_stats` counts the hits.
         max_model_len: context length, at most the model's (default: the model's). The RoPE table and the decode
@@ -373,8 +374,9 @@ class Engine:
         block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                                      cache_identity=f"{self.source}|{self.dtype}|{cfg.architecture}")
         self.scheduler = Scheduler(block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=(DEFAULT_MAX_NUM_BATCHED_TOKENS if max_num_batched_tokens
-                                                           is None else max_num_batched_tokens))
+                                   max_num_batched_tokens=(DEFAULT_MAX_NUM_BATCHED_TOKENS[self.device.type]
+                                                           if max_num_batched_tokens is None
+                                                           else max_num_batched_tokens))
         self.eos_token_ids = frozenset(cfg.eos_token_ids or ())
         self._requests: dict[Any, Sequence] = {}
         self._ids = itertools.count()

@@ -18,9 +18,12 @@ class LLM:
         print(out.text, out.finish_reason, out.timings.ttft)
 
     Arguments are those of `Engine` (model path or None for the default model, dtype, backend, device,
-    max_num_seqs, num_kv_blocks, kv_cache_memory, block_size, debug, cuda_graphs, tensor_parallel_size, ...).
-    `cuda_graphs=False` runs every decode step eagerly (on CUDA they are captured and replayed by default).
-    `tensor_parallel_size=N` shards the model over N processes (GPUs); `close()` or a `with` block stops them.
+    max_num_seqs, num_kv_blocks, kv_cache_memory, block_size, debug, cuda_graphs, tensor_parallel_size,
+    enable_prefix_caching, max_num_batched_tokens, ...). `cuda_graphs=False` runs every decode step eagerly (on
+    CUDA they are captured and replayed by default). `tensor_parallel_size=N` shards the model over N processes
+    (GPUs); `close()` or a `with` block stops them. Prompts sharing leading tokens with earlier ones reuse their
+    KV cache across `generate` calls (`enable_prefix_caching=False` turns that off; `out.num_cached_tokens` per
+    request).
     """
 
     def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
