@@ -242,7 +242,7 @@ def main(argv=None) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # No prefix caching and no chunking: every repetition sends the same prompt, and TTFT here means a full
-    # prefill in one pass, as transformers does it (bench_serving measures what the cache and chunks change).
+    # prefill in one pass, as transformers does it (bench_prefix_chunk measures what the cache and chunks change).
     llm = LLM(loaded, backend="torch", dtype="float32", device="cpu", max_num_seqs=1, enable_prefix_caching=False,
               max_num_batched_tokens=8192)
     engine_s = time.perf_counter() - t0

@@ -476,17 +476,17 @@ def test_bench_tp_communication_formula():
     assert comm_bytes_per_step(cfg, 2, 4, 2) == 161 * 65536 + 4 * 24
 
 
-def test_serving_bench_smoke(tmp_path):
-    """bench_serving end to end on tiny random weights (the default model takes minutes): the prefix part reuses
+def test_prefix_chunk_bench_smoke(tmp_path):
+    """bench_prefix_chunk end to end on tiny random weights (the default model takes minutes): the prefix part reuses
     the whole prefix and gives the uncached engine's tokens; the ITL part chunks the long prompt (budget 8: more
     steps than without chunking) and classes every stream gap."""
-    from bench import bench_serving
+    from bench import bench_prefix_chunk
 
-    data = bench_serving.main(["--device", "cpu", "--shape", "tiny", "--reps", "2", "--prefix-tokens", "64",
+    data = bench_prefix_chunk.main(["--device", "cpu", "--shape", "tiny", "--reps", "2", "--prefix-tokens", "64",
                                "--long-tokens", "40", "--budgets", "none,8", "--lead", "2", "--tail", "2",
                                "--out", str(tmp_path)])
-    on_disk = _strict_json(tmp_path / "cpu_serving.json")
-    assert on_disk["mode"] == "cpu" and "CPU measurement" in (tmp_path / "cpu_serving.md").read_text()
+    on_disk = _strict_json(tmp_path / "prefix_chunk.json")
+    assert on_disk["mode"] == "cpu" and "CPU measurement" in (tmp_path / "prefix_chunk.md").read_text()
     p = data["prefix"]
     assert p["reused_tokens"] == [64, 64] and p["tokens_equal"] and p["ttft_ms_cached"] > 0
     rows = {r["budget"]: r for r in data["itl"]}

@@ -151,7 +151,17 @@ class ModelRunner:
         in `meta.logits_indices` (none when every chunk stops short of its sequence's end; call it in inference
         mode)."""
         hidden = self.model(input_ids, meta, self.kv_cache)
+        if hidden.shape[0] == 0:  # every chunk stopped short of its sequence's end: K/V written, no token
+            return (torch.empty(0, dtype=torch.int64, device=self.device),
+                    torch.empty(0, dtype=torch.float32, device=self.device))
         return self.model.sample(hidden)
+
+    def plan_prefill(self, meta: AttentionMetadata) -> None:
+        """Set `meta.prefill_plan` from the lengths in `meta` (reads them back from the device: for tensor-parallel
+        followers, which receive the step's metadata; rank 0 plans from the host lists in `build_prefill`)."""
+        if self._plan_prefill is not None:
+            cu, kv_lens = meta.cu_seqlens_q.tolist(), meta.seq_lens.tolist()
+            meta.prefill_plan = self._plan_prefill([b - a for a, b in zip(cu, cu[1:])], kv_lens)
 
     # ------------------------------------------------------------------ decode
     def decode_size(self, n: int) -> int:

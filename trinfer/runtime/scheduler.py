@@ -1,8 +1,9 @@
 """Continuous batching with chunked prefill: a token budget per step, decode first, prefix-cache-aware admission.
 
 A sequence is "how many of its tokens are computed" (`num_computed_tokens`, the tokens whose K/V is in the
-cache): a step gives each scheduled sequence a run of its next uncomputed tokens. A sequence with exactly one
-uncomputed token (its newest) decodes; one with more prefills a chunk. Each step computes at most
+cache): a step gives each scheduled sequence a run of its next uncomputed tokens. A running sequence with exactly
+one uncomputed token (its newest) decodes; one with more, or one just admitted, prefills a chunk. Each step
+computes at most
 `max_num_batched_tokens` tokens, decode tokens included (one each), handed out in this order:
 
 1. Decode: every running sequence with one uncomputed token, oldest first, gets a slot for it. Decode is never
@@ -33,7 +34,7 @@ from .block_manager import BlockManager, blocks_needed
 from .sequence import Sequence, SequenceStatus
 
 # Tokens computed per step unless the engine is told otherwise, per device type (README, "Prefix caching and
-# chunked prefill"). CPU: measured (bench/results/cpu/cpu_serving.md): of 2048/512/128/64, 128 is the budget that
+# chunked prefill"). CPU: measured (bench/results/cpu/prefix_chunk.md): of 2048/512/128/64, 128 is the budget that
 # keeps 4 streams' max inter-token latency under 3x their median while an 8K prompt is prefilled (1.9x; 512:
 # 4.0x), for ~15% on that prompt's TTFT when alone. CUDA: not measured yet; 512 from the FLOP count (a 512-token
 # chunk of a 1B model ~2 ms on an H100-class GPU, ~3x its ~0.6 ms decode step); the GPU check's serving rows will
@@ -143,11 +144,8 @@ class Scheduler:
             self.running.append(seq)
             scheduled.add(id(seq))
             budget -= n
-            if seq.num_uncomputed_tokens == 1:  # a one-token prompt, or all but its last token were cached
-                step.decode.append(seq)
-            else:
-                step.prefill.append(seq)
-                step.prefill_tokens.append(n)
+            step.prefill.append(seq)  # its first step is a prefill, even of one token (a 1-token prompt, or a hit
+            step.prefill_tokens.append(n)  # on all but its last token)
         return step
 
     def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:

@@ -47,7 +47,8 @@ class Sequence:
 
     __slots__ = (
         "request_id", "prompt", "token_ids", "num_prompt_tokens", "params", "status", "block_table",
-        "num_computed_tokens", "num_pending", "block_hashes", "num_published_blocks", "prefix_hit_tokens", "logprobs", "finish_reason", "num_preemptions",
+        "num_computed_tokens", "num_pending", "block_hashes", "num_published_blocks", "prefix_hit_tokens",
+        "logprobs", "finish_reason", "num_preemptions",
         "arrival_time", "token_times", "detokenizer", "text", "num_text_sent", "num_tokens_sent",
     )
 

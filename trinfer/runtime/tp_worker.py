@@ -15,7 +15,8 @@ ranks. Nothing is pickled per step. Messages:
                  (index, value) pairs, one int64 tensor.
     PREFILL   header (PREFILL, tokens T, sequences B, block-table width W, longest query, longest sequence,
               sampled rows S); one int64 tensor: ids[T] | positions[T] | slots[T] | block tables[B*W] |
-              lengths[B] | cu_seqlens[B+1] | logits rows[S]
+              lengths[B] | cu_seqlens[B+1] | logits rows[S]. A step of chunks only samples no row (S = 0); the
+              followers plan the prefill attention's KV splits from the received lengths, as rank 0 did.
     SHUTDOWN  header only: the followers leave the loop; their engines close and their processes exit
 
 A step that fails half-way on rank 0 leaves the ranks out of step, so rank 0 then stops them all
@@ -77,7 +78,9 @@ def follow(runner) -> None:
             _, meta = buf.metadata(size, max_seq_len)
             runner.run_decode_step(size, meta)
         elif op == OP_PREFILL:
-            runner.prefill_pass(*_receive_prefill(tp, device, a, b, c, d, e, f))
+            input_ids, meta = _receive_prefill(tp, device, a, b, c, d, e, f)
+            runner.plan_prefill(meta)  # the attention's KV splits, as rank 0 planned them from the same lengths
+            runner.prefill_pass(input_ids, meta)
         elif op == OP_SHUTDOWN:
             return
         else:

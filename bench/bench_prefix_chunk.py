@@ -1,12 +1,12 @@
-"""Serving: what prefix caching saves in time to first token, and what chunked prefill saves the streams that are
-running when a long prompt arrives.
+"""Prefix caching and chunked prefill: what the cache saves in time to first token, and what chunks save the streams
+that are running when a long prompt arrives.
 
 On the CPU (the default without CUDA, or `--device cpu`): the default model (SmolLM2-135M-Instruct, the GGUF
 dequantized to fp32; or `--shape` random weights), the torch backend, `--threads` torch threads; results
-`cpu_serving.{json,md}` in bench/results/cpu/. On a GPU (`--device cuda`): random bf16 weights of `--shape`
+`prefix_chunk.{json,md}` in bench/results/cpu/. On a GPU (`--device cuda`): random bf16 weights of `--shape`
 (default Llama-3.2-1B; without a tokenizer the prompts are random token ids), the Triton backend, CUDA graphs;
-results `serving.{json,md}` in `--out` (bench/gpu_check.sh). One process; every engine shares the same weights. Two parts (`--parts`), each
-written to disk as soon as it is done:
+results `prefix_chunk.{json,md}` in `--out`. One process; every engine shares the same weights. Two parts
+(`--parts`), each written to disk as soon as it is done:
 
 prefix  A request whose first `--prefix-tokens` (2048) tokens an earlier request computed, followed by a question
         of its own (~20 tokens), on two engines: prefix cache on and off (both without chunking, so that they
@@ -26,10 +26,10 @@ itl     4 streams (short chat questions) decode; after `--lead` (8) tokens each,
         `all` (the issue's figure) and the stall factor max(during) / median(before), the long prompt's TTFT, and
         its TTFT alone (no streams: what chunking costs a prompt that has the machine to itself).
 
-    python -m bench.bench_serving [--reps 3] [--threads 1] [--parts prefix,itl] [--budgets none,2048,512,128,64]
+    python -m bench.bench_prefix_chunk [--reps 3] [--threads 1] [--parts prefix,itl] [--budgets none,2048,512,128,64]
                                   [--prefix-tokens 2048] [--long-tokens 8000] [--out DIR]
-    python -m bench.bench_serving --quick                         # 1 rep, 512-token prefix, 1500-token prompt
-    python -m bench.bench_serving --device cuda --shape Llama-3.2-1B --out bench/results/<date>
+    python -m bench.bench_prefix_chunk --quick                         # 1 rep, 512-token prefix, 1500-token prompt
+    python -m bench.bench_prefix_chunk --device cuda --shape Llama-3.2-1B --out bench/results/<date>
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def run_prefix(setup: Setup, args) -> dict[str, Any]:
     for rep in range(args.reps):
         for on in ((True, False) if rep % 2 == 0 else (False, True)):
             samples[on].append(ask(engines[on], suffixes[rep + 1]))
-        print(f"[bench_serving] prefix rep {rep}: TTFT cache on {samples[True][-1][0] * 1e3:.1f} ms "
+        print(f"[bench_prefix_chunk] prefix rep {rep}: TTFT cache on {samples[True][-1][0] * 1e3:.1f} ms "
               f"({samples[True][-1][1]} tokens reused), off {samples[False][-1][0] * 1e3:.1f} ms", flush=True)
     ttft = {on: [s[0] * 1e3 for s in samples[on]] for on in (True, False)}
     ratios = [off / on for on, off in zip(ttft[True], ttft[False])]
@@ -186,7 +186,7 @@ def run_itl_once(eng, setup: Setup, budget: int | None, args) -> dict[str, Any]:
     long_first, tail_from, steps_to_first = None, None, 0
     while True:
         if any(r not in eng._requests for r in ids):
-            raise RuntimeError("bench_serving: a stream finished before the run's end (too few tokens allowed)")
+            raise RuntimeError("bench_prefix_chunk: a stream finished before the run's end (too few tokens allowed)")
         outs = eng.step()
         if long_first is None:
             steps_to_first += 1
@@ -238,7 +238,7 @@ def run_itl(setup: Setup, args) -> list[dict[str, Any]]:
             r = run_itl_once(engines[budget], setup, budget, args)
             assert engines[budget].num_preemptions == 0
             runs[budget].append(r)
-            print(f"[bench_serving] itl rep {rep} budget {budget or 'none'}: stream ITL median "
+            print(f"[bench_prefix_chunk] itl rep {rep} budget {budget or 'none'}: stream ITL median "
                   f"{r['itl_all_ms']['median']:.1f} ms, max {r['itl_all_ms']['max']:.1f} ms (max/median "
                   f"{r['max_over_median_all']:.1f}); before {r['itl_before_ms']['median']:.1f} ms, during median "
                   f"{H._fmt(r['itl_during_ms']['median'], '.1f')} max {H._fmt(r['itl_during_ms']['max'], '.1f')} "
@@ -356,13 +356,13 @@ def main(argv=None) -> dict[str, Any]:
             p.error("--out is required on a GPU")
         args.out = CPU_OUT
     mode = "gpu" if setup.on_gpu else "cpu"
-    stem = "serving" if setup.on_gpu else "cpu_serving"
+    stem = "prefix_chunk"
     if not setup.on_gpu:
         torch.set_num_threads(args.threads)
     env = {**H.environment(setup.device, mode), **({} if setup.on_gpu else cpu_info())}
-    print(f"[bench_serving] {setup.model_name} on {env.get('gpu') or env.get('cpu_model')}, torch {env['torch']}; "
+    print(f"[bench_prefix_chunk] {setup.model_name} on {env.get('gpu') or env.get('cpu_model')}, torch {env['torch']}; "
           f"load {_load()}", flush=True)
-    data: dict[str, Any] = {"schema": "trinfer-bench-serving/1", "title": "Serving: prefix caching and chunked "
+    data: dict[str, Any] = {"schema": "trinfer-bench-prefix-chunk/1", "title": "Prefix caching and chunked "
                             f"prefill ({mode.upper()})", "mode": mode, "env": env, "model": setup.model_name,
                             "backend": setup.backend, "threads": None if setup.on_gpu else args.threads,
                             "lead": args.lead, "tail": args.tail, "load_before": _load()}
@@ -374,7 +374,7 @@ def main(argv=None) -> dict[str, Any]:
     finally:
         torch.set_num_threads(default_threads)
     print(markdown(data))
-    print("[bench_serving] wrote " + ", ".join(str(x) for x in paths), flush=True)
+    print("[bench_prefix_chunk] wrote " + ", ".join(str(x) for x in paths), flush=True)
     return data
 
 
