@@ -34,11 +34,11 @@ from trinfer.triton_kernels.kv_cache_layout import check_block_size
 from . import tp_worker
 from .block_manager import BlockManager, blocks_needed, check_enable_prefix_caching
 from .distributed import DEFAULT_TIMEOUT_S, start_tensor_parallel, tensor_parallel_requested
-from .prefix_cache import PrefixCacheStats
 from .kv_cache import choose_num_blocks
 from .memory_plan import plan_memory
 from .model import check_cuda_kernels_available, get_backend, parse_backend
 from .model_runner import ModelRunner, PendingDecode
+from .prefix_cache import PrefixCacheStats
 from .quantization import check_quantize, quantize_weights
 from .sampling_params import SamplingParams
 from .scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler
