@@ -383,6 +383,19 @@ def test_continuous_batching_and_abort_across_ranks(llama_tp, llama_ref):
     assert eng.tp.failed is None
 
 
+def test_prefix_cache_and_chunked_prefill_across_ranks(ckpts):
+    """Rank 0 schedules 5-token chunks (steps that sample no row) and prefix-cache hits (the second round of the
+    same prompts reuses their blocks); the other rank runs the same passes: the tokens of one device without
+    either, both rounds."""
+    ref = one_device(ckpts["llama-gqa"], enable_prefix_caching=False, max_num_batched_tokens=4096)
+    with LLM(ckpts["llama-gqa"], backend="torch", device="cpu", block_size=4, max_num_batched_tokens=5,
+             tensor_parallel_size=2, tp_timeout=TP_TIMEOUT) as llm:
+        assert_same(_generate(llm.engine, PROMPTS, NEW), ref, "chunked")
+        assert_same(_generate(llm.engine, PROMPTS, NEW), ref, "cached")
+        assert llm.engine.prefix_cache_stats.hit_tokens == 4 + 20  # round 2, prompts 0 and 2: (len - 1) // 4 blocks
+        assert llm.engine.tp.failed is None
+
+
 def test_qwen2_biases_fewer_kv_heads_than_ranks_tied_head(ckpts):
     path = ckpts["qwen2-kv1-tied"]
     ref = one_device(path)
