@@ -4,20 +4,30 @@
     python -m bench.gpu_cases --backend cuda      # the CUDA C++ cases only (compute-sanitizer's racecheck/synccheck)
     python -m bench.gpu_cases --shard 1/4         # cases 1, 5, 9, ...: the smoke stage runs 4 shards at once
     python -m bench.gpu_cases --e2e               # one generate: trinfer (CUDA graphs, async loop) vs transformers
+    python -m bench.gpu_cases --e2e prefix        # the same with Qwen3, prefix-cache hits and chunked prefill
     python -m bench.gpu_cases --cpu --quick       # on the CPU, kernels under the Triton interpreter (the test suite)
 
 The GPU check (bench/gpu_check.sh) runs the cases natively in its smoke stage (a verdict per kernel within a
 minute, and every Triton kernel compiled before the sanitizer runs) and again under compute-sanitizer
 (bench/gpu_sanitize.sh). The edges: padding rows (a decode sequence of length 0, KV slot -1, a prefill sequence
 with no new query), block_size 1 and 256, head_dim 64, 80, 96 and 128 with GQA groups 1 to 4, decode lengths 255,
-256 and 257 around the 256-token split, a prefill chunk over a cached prefix. Inputs are made on the CPU from a
+256 and 257 around the 256-token split, a prefill chunk over a cached prefix, the prefill's KV split as the engine
+plans it (a short chunk over 1100 keys beside unsplit sequences), Qwen3's q/k norm in the rotary + KV write; the
+decode matrix product `linear` in every weight format (dense, int8, int4, GGUF Q8_0/Q4_0/Q4_1) over 70 rows (two
+launches), its rows alone bitwise equal to the batch's (batch invariance), `dequantize`, and the LM head's fused
+argmax on quantized weights. Inputs are made on the CPU from a
 fixed seed and copied to the device, and the fp32 references run on the CPU: under the sanitizer nearly every
 kernel launched is one of ours. Every output starts as NaN and every cache slot no sequence owns holds NaN, so an
 unwritten output or a read past a sequence fails. Error: per row (a token's head, a norm row) the relative L2
 error ||got - expected|| / ||expected||, the largest over rows (a row the reference leaves at zero must be exactly
 zero), against ROW_TOL of the dtype: an all-zero output scores 1, never a pass.
 
-Prints one line per case and a last line `gpu_cases: N ok, M failed, K skipped`; exits 1 when a case failed.
+End to end (`--e2e NAME`, E2E_CHECKS): random fp32 models served by the engine, every prompt's greedy tokens against
+transformers' on the same weights: `staggered` (head_dim 64, GQA 3, prompts arriving one per step) and `prefix`
+(Qwen3 with head_dim 128, prefix-cache hits over a 600-token shared stem, 128-token chunks, KV splits).
+
+Prints one line per case (`ok   NAME`, `FAIL NAME`, `SKIP NAME`) and a last line `gpu_cases: N ok, M failed, K
+skipped`; exits 1 when a case failed.
 """
 from __future__ import annotations
 
@@ -104,9 +114,9 @@ def silu_case(dtype, rows, inter):
     return run
 
 
-def _ids_check(label, got_ids, ref_ids):
-    """Token ids compared exactly: as a 'row error' of 0 (equal) or inf."""
-    same = torch.equal(got_ids.cpu(), ref_ids.cpu())
+def _exact_check(label, got, expected):
+    """Compared exactly (token ids; a result that must be bitwise the same): as a 'row error' of 0 (equal) or inf."""
+    same = torch.equal(got.cpu(), expected.cpu())
     return (label, torch.zeros(1) if same else torch.full((1,), math.inf), torch.zeros(1), 0.0)
 
 
@@ -118,7 +128,7 @@ def greedy_case(rows, vocab):
         ids, lp = k.greedy_sample(_on(logits, dev), return_logprobs=True)
         only = k.greedy_sample(_on(logits, dev))
         ref_ids, ref_lp = greedy_sample_ref(logits, return_logprobs=True)
-        return [_ids_check("ids", ids, ref_ids), _ids_check("ids (no logprobs)", only, ref_ids),
+        return [_exact_check("ids", ids, ref_ids), _exact_check("ids (no logprobs)", only, ref_ids),
                 ("logprobs", lp[None], ref_lp[None], LP_TOL)]
     return run
 
@@ -131,7 +141,7 @@ def lm_head_case(rows, hidden, vocab):
         h, w = _randn(rows, hidden, gen=g), _randn(vocab, hidden, scale=hidden ** -0.5, gen=g)
         ids, lp = k.lm_head_greedy(_on(h, dev), _on(w, dev), return_logprobs=True)
         ref_ids, ref_lp = lm_head_greedy_ref(h, w, return_logprobs=True)
-        return [_ids_check("ids", ids, ref_ids), ("logprobs", lp[None], ref_lp[None], LP_TOL)]
+        return [_exact_check("ids", ids, ref_ids), ("logprobs", lp[None], ref_lp[None], LP_TOL)]
     return run
 
 
@@ -158,9 +168,10 @@ def _slots(tokens, num_slots, gen, pad_every=3):
     return slots
 
 
-def kv_write_case(dtype, tokens, hk, d, block_size, num_blocks, rotary=False, hq=0):
-    """write_kv_cache (or, with rotary, rotary_write_kv_cache) into caches holding a sentinel: the written slots
-    equal the reference's, the others still hold the sentinel."""
+def kv_write_case(dtype, tokens, hk, d, block_size, num_blocks, rotary=False, hq=0, qk_norm=False):
+    """write_kv_cache (or, with rotary, rotary_write_kv_cache; with qk_norm, Qwen3's per-head q/k RMSNorm fused
+    into it) into caches holding a sentinel: the written slots equal the reference's, the others still hold the
+    sentinel."""
     def run(dev, k):
         from trinfer.triton_kernels import build_rope_cache
         from trinfer.triton_kernels.references import rotary_write_kv_cache_ref, write_kv_cache_ref
@@ -180,9 +191,67 @@ def kv_write_case(dtype, tokens, hk, d, block_size, num_blocks, rotary=False, hq
         pos = torch.randint(0, 300, (tokens,), generator=g)
         cache = build_rope_cache(d, 300)
         qd, kd = _on(q, dev), _on(kk, dev)
-        k.rotary_write_kv_cache(qd, kd, _on(v, dev), _on(pos, dev), _on(cache, dev), kcd, vcd, _on(slots, dev))
-        rotary_write_kv_cache_ref(q, kk, v, pos, cache, kc, vc, slots)
+        norm = {}
+        if qk_norm:
+            norm = dict(q_norm_weight=1 + _randn(d, dtype=dtype, scale=0.1, gen=g),
+                        k_norm_weight=1 + _randn(d, dtype=dtype, scale=0.1, gen=g), norm_eps=1e-6)
+        k.rotary_write_kv_cache(qd, kd, _on(v, dev), _on(pos, dev), _on(cache, dev), kcd, vcd, _on(slots, dev),
+                                **{n: _on(w, dev) if isinstance(w, torch.Tensor) else w for n, w in norm.items()})
+        rotary_write_kv_cache_ref(q, kk, v, pos, cache, kc, vc, slots, **norm)
         return [("q", qd, q, tol), ("k", kd, kk, tol), ("k_cache", kcd, kc, tol), ("v_cache", vcd, vc, tol)]
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode matrix products (linear) and dequantization, every weight format
+# ----------------------------------------------------------------------------------------------------------
+
+def _weight(fmt, group, n, k, dtype, gen):
+    """A `[n, k]` weight on the CPU: dense in `dtype`, or random quantized words/blocks (std ~1/sqrt(k))."""
+    if fmt == "dense":
+        return _randn(n, k, dtype=dtype, scale=k ** -0.5, gen=gen)
+    from trinfer.runtime.quantization import random_weight
+
+    return random_weight(fmt, (n, k), device="cpu", scale=k ** -0.5, generator=gen, group_size=group or 128)
+
+
+def linear_case(fmt, group, dtype, rows, n, k, alone=(0,)):
+    """linear(x, W, bias) for one weight format against the float64 reference (a strided x, NaN-filled output;
+    more than 64 rows run as two launches); the rows in `alone` computed alone are bitwise their rows of the batch
+    (batch invariance); for a quantized W, dequantize against the float64 decode."""
+    def run(dev, k_):
+        from trinfer.triton_kernels.references import dequantize_ref, linear_ref
+
+        g = torch.Generator().manual_seed(9)
+        w = _weight(fmt, group, n, k, dtype, g)
+        wd = w.to(dev) if fmt != "dense" else _on(w, dev)
+        x = _randn(rows, 2 * k, dtype=dtype, gen=g)[:, ::2]  # strides (2k, 2)
+        bias = _randn(n, dtype=dtype, gen=g)
+        xd = torch.empty(rows, 2 * k, dtype=dtype, device=dev)[:, ::2].copy_(x)
+        got = k_.linear(xd, wd, _on(bias, dev), out=_nan((rows, n), dtype, dev))
+        tol = ROW_TOL[dtype]
+        out = [(f"linear[{fmt}]", got, linear_ref(x, w, bias), tol)]
+        for r in alone:
+            out.append(_exact_check(f"row {r} alone (bitwise)", k_.linear(xd[r:r + 1], wd, _on(bias, dev)),
+                                    got[r:r + 1]))
+        if fmt != "dense":
+            deq = k_.dequantize(wd, dtype, out=_nan((n, k), dtype, dev))
+            out.append(("dequantize", deq, dequantize_ref(w).to(dtype), tol))
+        return out
+    return run
+
+
+def lm_head_quantized_case(fmt, rows, hidden, vocab):
+    """lm_head_greedy on a quantized LM head (its tiles decoded in the kernel, the argmax fused) against the
+    reference on the float64-decoded matrix."""
+    def run(dev, k):
+        from trinfer.triton_kernels.references import dequantize_ref, lm_head_greedy_ref
+
+        g = torch.Generator().manual_seed(10)
+        h, w = _randn(rows, hidden, gen=g), _weight(fmt, 0, vocab, hidden, torch.float32, g)
+        ids, lp = k.lm_head_greedy(_on(h, dev), w.to(dev), return_logprobs=True)
+        ref_ids, ref_lp = lm_head_greedy_ref(h, dequantize_ref(w).float(), return_logprobs=True)
+        return [_exact_check("ids", ids, ref_ids), ("logprobs", lp[None], ref_lp[None], LP_TOL)]
     return run
 
 
@@ -206,8 +275,10 @@ def paged_batch(kv_lens, hk, d, dtype, block_size, gen):
     return kc, vc, tables
 
 
-def prefill_case(dtype, d, hq, hk, block_size, lens):
-    """lens: (q_len, kv_len) per sequence; q_len 0 is a sequence with no new query, kv_len > q_len a chunk."""
+def prefill_case(dtype, d, hq, hk, block_size, lens, split_keys=0):
+    """lens: (q_len, kv_len) per sequence; q_len 0 is a sequence with no new query, kv_len > q_len a chunk.
+    split_keys > 0: launched with the engine's plan (`plan_prefill_attention`, splits of at least that many
+    keys), which must split some sequence: the KV-split kernel and its reduce."""
     def run(dev, k):
         from trinfer.triton_kernels.references import paged_prefill_attention_ref
 
@@ -218,8 +289,17 @@ def prefill_case(dtype, d, hq, hk, block_size, lens):
         cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
         kv = torch.tensor(kv_lens, dtype=torch.int32)
         scale = d ** -0.5
+        launch = dict(max_q_len=max(q_lens))
+        if split_keys:
+            from trinfer.triton_kernels import plan_prefill_attention
+
+            plan = plan_prefill_attention(q_lens, kv_lens, num_q_heads=hq, num_kv_heads=hk, head_dim=d, dtype=dtype,
+                                          device=dev, min_split_keys=split_keys)
+            if not plan.split:
+                raise AssertionError(f"the plan splits no sequence of {lens}: the case tests nothing")
+            launch = dict(plan=plan)
         got = k.paged_prefill_attention(_on(q, dev), _on(kc, dev), _on(vc, dev), _on(tables, dev), _on(cu, dev),
-                                        _on(kv, dev), scale, max_q_len=max(q_lens), out=_nan(q.shape, dtype, dev))
+                                        _on(kv, dev), scale, out=_nan(q.shape, dtype, dev), **launch)
         return [("out", got, paged_prefill_attention_ref(q, kc, vc, tables, cu, kv, scale), ROW_TOL[dtype])]
     return run
 
@@ -246,6 +326,11 @@ ATTENTION = [(64, 8, 2, torch.bfloat16, 16), (80, 6, 2, torch.float16, 1), (96, 
              (128, 4, 4, torch.bfloat16, 16)]
 DECODE_LENS = [257, 0, 256, 1, 255]                      # around the 256-token split; a padding row
 PREFILL_LENS = [(17, 17), (0, 5), (1, 1), (40, 300)]     # a fresh prompt, no new query, one token, a chunk
+SPLIT_LENS = [(16, 1100), (0, 40), (300, 300), (1, 700)]  # 4 splits; no query; unsplit; 2 splits
+# (format, int4 group, activation dtype): every format the linear kernel reads
+LINEAR = [("dense", 0, torch.bfloat16), ("int8", 0, torch.bfloat16), ("int4", 128, torch.float16),
+          ("int4", 32, torch.bfloat16), ("q8_0", 0, torch.bfloat16), ("q4_0", 0, torch.float16),
+          ("q4_1", 0, torch.bfloat16)]
 
 
 def cases() -> list[Case]:
@@ -263,6 +348,27 @@ def cases() -> list[Case]:
              kv_write_case(bf16, 9, 2, 80, 256, 2, rotary=True, hq=4)),
         Case("write_kv_cache bf16 d80 bs1 (slot -1 rows)", "triton", kv_write_case(bf16, 7, 2, 80, 1, 12), quick=True),
         Case("write_kv_cache fp16 d128 bs256 (slot -1 rows)", "triton", kv_write_case(fp16, 9, 8, 128, 256, 2)),
+        Case("rotary_write_kv_cache + q/k norm (Qwen3) bf16 d128 8/4 heads bs16 (slot -1 rows)", "triton",
+             kv_write_case(bf16, 9, 4, 128, 16, 4, rotary=True, hq=8, qk_norm=True)),
+        Case("rotary_write_kv_cache + q/k norm (Qwen3) fp16 d64 4/2 heads bs1 (slot -1 rows)", "triton",
+             kv_write_case(fp16, 5, 2, 64, 1, 8, rotary=True, hq=4, qk_norm=True), quick=True),
+    ]
+    # linear: 70 rows (a 64-row launch and a 6-row one), N 200 (a partial column tile), K 300 (GGUF: 320, ten
+    # blocks), rows 0, 37 and 69 alone bitwise; and dequantize.
+    for fmt, group, dt in LINEAR:
+        k = 320 if fmt.startswith("q") else 300
+        tag = f"{fmt}{f'-g{group}' if group else ''} {str(dt)[6:]}"
+        out.append(Case(f"linear[{tag}] + dequantize [70, {k}] x [200, {k}]", "triton",
+                        linear_case(fmt, group, dt, 70, 200, k, alone=(0, 37, 69))))
+    out += [
+        Case("linear[dense fp32] [5, 300] x [200, 300]", "triton", linear_case("dense", 0, fp32, 5, 200, 300)),
+        Case("linear[int4-g32 fp16] + dequantize [5, 96] x [24, 96]", "triton",
+             linear_case("int4", 32, fp16, 5, 24, 96, alone=(0, 4)), quick=True),
+        Case("linear[q4_1 fp32] + dequantize [3, 64] x [16, 64]", "triton", linear_case("q4_1", 0, fp32, 3, 16, 64),
+             quick=True),
+        Case("lm_head_greedy[q8_0] fp32 [3, 256] x [3001, 256]", "triton", lm_head_quantized_case("q8_0", 3, 256, 3001)),
+        Case("lm_head_greedy[q4_0] fp32 [2, 64] x [300, 64]", "triton", lm_head_quantized_case("q4_0", 2, 64, 300),
+             quick=True),
     ]
     for d, hq, hk, dt, bs in ATTENTION:
         tag = f"d{d} {hq}/{hk} heads {str(dt)[6:]} bs{bs}"
@@ -270,7 +376,14 @@ def cases() -> list[Case]:
                         prefill_case(dt, d, hq, hk, bs, PREFILL_LENS)))
         out.append(Case(f"paged_decode_attention {tag} lens {DECODE_LENS}", "triton",
                         decode_case(dt, d, hq, hk, bs, DECODE_LENS)))
+    # The KV split (a short chunk over a long cached prefix, as the engine plans it: splits of >= 256 keys) beside
+    # unsplit sequences in one launch.
+    for d, hq, hk, dt, bs in (ATTENTION[0], ATTENTION[3]):
+        out.append(Case(f"paged_prefill_attention KV split d{d} {hq}/{hk} heads {str(dt)[6:]} bs{bs} q/kv lens "
+                        f"{SPLIT_LENS}", "triton", prefill_case(dt, d, hq, hk, bs, SPLIT_LENS, split_keys=256)))
     # The same edges, shorter, for the interpreter (the test suite): no query, block size 1, head_dim 80.
+    out.append(Case("paged_prefill_attention KV split d64 4/2 heads fp16 bs4 q/kv lens [(3, 40), (0, 5), (2, 2)]",
+                    "triton", prefill_case(fp16, 64, 4, 2, 4, [(3, 40), (0, 5), (2, 2)], split_keys=8), quick=True))
     out.append(Case("paged_prefill_attention d80 6/2 heads fp16 bs1 q/kv lens [(3, 3), (0, 2), (2, 9)]", "triton",
                     prefill_case(fp16, 80, 6, 2, 1, [(3, 3), (0, 2), (2, 9)]), quick=True))
     out.append(Case("paged_decode_attention d96 6/2 heads fp16 bs1 lens [0, 3, 17]", "triton",
@@ -341,8 +454,37 @@ def run_cases(selected: list[Case], device: torch.device, log=print) -> tuple[in
 
 E2E_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
                   num_key_value_heads=3, head_dim=64, vocab_size=4000, max_position_embeddings=1024)
-E2E_PROMPT_LENS = (5, 300, 40, 17)
 E2E_NEW = 12
+
+
+@dataclass(frozen=True)
+class E2E:
+    """One end-to-end check: a random fp32 model of `shape` (with `config` overrides), prompts made of the first
+    `stem` tokens of one shared stem and `own` tokens of their own, each added at its arrival step, served with
+    `engine` options on top of the check's (Triton, CUDA graphs, async loop on CUDA)."""
+    name: str
+    shape: str
+    config: dict
+    prompts: tuple[tuple[int, int], ...]   # (stem tokens, own tokens) per prompt
+    arrivals: tuple[int, ...]
+    engine: dict
+    expect_hits: bool = False              # prefix-cache hits must happen
+
+
+E2E_CHECKS = {
+    # SmolLM2's head layout (head_dim 64, 9 query / 3 KV heads), prompts arriving one per step.
+    "staggered": E2E("e2e", "tiny", E2E_CONFIG, ((0, 5), (0, 300), (0, 40), (0, 17)), (0, 1, 2, 3),
+                     {}),
+    # Qwen3 (q/k norm fused into the rotary + KV write; head_dim 128, twice hidden / heads; GQA 2) with prefix
+    # caching and 128-token chunks: prompt 0 (610 tokens) is prefilled in 5 chunks, the last over 512 cached keys
+    # (a KV split); prompts 1 and 2 arrive after it and reuse 37 and 18 of its blocks (prompt 1's 33 new tokens
+    # over 625 keys: a split); prompt 3 shares nothing.
+    "prefix": E2E("e2e-prefix", "tiny-qwen3", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                                   num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                                   vocab_size=4000, max_position_embeddings=1024),
+                  ((600, 10), (600, 25), (300, 150), (0, 40)), (0, 8, 9, 10),
+                  dict(enable_prefix_caching=True, max_num_batched_tokens=128), expect_hits=True),
+}
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -352,30 +494,38 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def e2e_check(device: torch.device, log=print, *, near_tie: float = 1e-3, config: dict | None = None,
-              prompt_lens=E2E_PROMPT_LENS, new: int = E2E_NEW) -> bool:
-    """A random fp32 Llama (default: SmolLM2's head layout, head_dim 64, 9 query / 3 KV heads; `config` overrides
-    the "tiny" shape) served by the engine with the prompts arriving one per step (on CUDA: Triton backend, CUDA
-    graphs, async loop; on the CPU the torch backend), each prompt's greedy tokens against transformers' generate
-    on the same weights. A difference is accepted only at a near-tie: transformers' logits of the two tokens
-    within `near_tie` (random weights can have them; then the rest is not compared)."""
+def e2e_prompts(check: E2E, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(12)
+    stem = torch.randint(3, vocab, (max(s for s, _ in check.prompts),), generator=g).tolist()
+    return [stem[:s] + torch.randint(3, vocab, (n,), generator=g).tolist() for s, n in check.prompts]
+
+
+def e2e_check(device: torch.device, log=print, *, check: E2E = E2E_CHECKS["staggered"], near_tie: float = 1e-3,
+              new: int = E2E_NEW) -> bool:
+    """`check`'s random fp32 model served by the engine (on CUDA: Triton backend, CUDA graphs, async loop; on the
+    CPU the torch backend), each prompt's greedy tokens against transformers' generate on the same weights (each
+    prompt alone). A difference is accepted only at a near-tie: transformers' logits of the two tokens within
+    `near_tie` (random weights can have them; then the rest is not compared). With `expect_hits`, prompts must
+    have been served from the prefix cache."""
     from trinfer.runtime import Engine
     from trinfer.runtime.random_model import hf_config_dict, hf_model, random_model
 
-    raw = hf_config_dict("tiny", **(E2E_CONFIG if config is None else config))
+    raw = hf_config_dict(check.shape, **check.config)
     loaded = random_model(raw, device=device, dtype=torch.float32, seed=11)
     cuda = device.type == "cuda"
-    eng = Engine(loaded, backend="triton" if cuda else "torch", block_size=16, max_num_seqs=4, max_model_len=512,
-                 cuda_graphs=True, async_decode=True)
-    g = torch.Generator().manual_seed(12)
-    prompts = [torch.randint(3, raw["vocab_size"], (n,), generator=g).tolist() for n in prompt_lens]
+    eng = Engine(loaded, backend="triton" if cuda else "torch", block_size=16, max_num_seqs=4, max_model_len=1024,
+                 cuda_graphs=True, async_decode=True, **check.engine)
+    prompts = e2e_prompts(check, raw["vocab_size"])
     final, step = {}, 0
     t0 = time.perf_counter()
     while len(final) < len(prompts):
-        if step < len(prompts):
-            eng.add_request(prompts[step], max_new_tokens=new, ignore_eos=True, request_id=step)
+        for i, at in enumerate(check.arrivals):
+            if at == step:
+                eng.add_request(prompts[i], max_new_tokens=new, ignore_eos=True, request_id=i)
         final.update((o.request_id, o.token_ids) for o in eng.step() if o.finished)
         step += 1
+        if step > 1000:
+            raise RuntimeError(f"{check.name}: not finished after 1000 steps")
     secs = time.perf_counter() - t0
     hf = hf_model(loaded, raw)
     hf.generation_config.eos_token_id = None
@@ -393,19 +543,24 @@ def e2e_check(device: torch.device, log=print, *, near_tie: float = 1e-3, config
         gap = float(logits[ref[k]] - logits[final[i][k]])
         if gap > near_tie:
             ok = False
-            log(f"FAIL e2e prompt {i} ({len(p)} tokens): token {k} is {final[i][k]}, transformers' {ref[k]} "
+            log(f"FAIL {check.name} prompt {i} ({len(p)} tokens): token {k} is {final[i][k]}, transformers' {ref[k]} "
                 f"(logit gap {gap:.3g}); trinfer {final[i]} vs {ref}")
         else:
-            log(f"note e2e prompt {i}: a near-tie at token {k} (logit gap {gap:.2g}); the rest not compared")
+            log(f"note {check.name} prompt {i}: a near-tie at token {k} (logit gap {gap:.2g}); the rest not compared")
     r = eng.runner
     graphs = f"{r.num_graph_replays} graph replays, {r.num_eager_decodes} eager decode steps" if cuda else "no graphs"
     if cuda and (not r.graphs or r.num_graph_replays == 0):
         ok = False
-        log(f"FAIL e2e: CUDA graphs were not replayed ({graphs})")
+        log(f"FAIL {check.name}: CUDA graphs were not replayed ({graphs})")
+    hits = eng.prefix_cache_stats.hit_tokens
+    if check.expect_hits and hits == 0:
+        ok = False
+        log(f"FAIL {check.name}: no prompt token was served from the prefix cache")
     verdict = "equal to" if ok else "against"
-    log(f"{'ok  ' if ok else 'FAIL'} e2e: {len(prompts)} prompts of {list(prompt_lens)} tokens arriving one per "
-        f"step, {new} new tokens each, {verdict} transformers' greedy tokens; {graphs}; async steps "
-        f"{eng.decode_stats['continued']}/{eng.decode_stats['launched']}; served in {secs:.1f}s")
+    log(f"{'ok  ' if ok else 'FAIL'} {check.name}: {len(prompts)} prompts of {[len(p) for p in prompts]} tokens "
+        f"({check.shape}, head_dim {raw['head_dim']}) arriving at steps {list(check.arrivals)}, {new} new tokens "
+        f"each, {verdict} transformers' greedy tokens; {graphs}; async steps {eng.decode_stats['continued']}/"
+        f"{eng.decode_stats['launched']}; {hits} prompt tokens from the prefix cache; served in {secs:.1f}s")
     return ok
 
 
@@ -414,12 +569,18 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=("all", "triton", "cuda"), default="all")
     p.add_argument("--shard", default="0/1", help="I/N: run cases I, I+N, I+2N, ...")
     p.add_argument("--quick", action="store_true", help="the small subset (for the CPU interpreter)")
-    p.add_argument("--e2e", action="store_true", help="the end-to-end generate only")
+    p.add_argument("--e2e", nargs="?", const="staggered", choices=sorted(E2E_CHECKS), default=None,
+                   help="one end-to-end check only: staggered (default) or prefix (Qwen3, prefix cache, chunks)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (kernels under the Triton interpreter)")
     args = p.parse_args(argv)
     device = torch.device("cpu") if args.cpu or not torch.cuda.is_available() else torch.device("cuda")
     if args.e2e:
-        return 0 if e2e_check(device, log=lambda s: print(s, flush=True)) else 1
+        check = E2E_CHECKS[args.e2e]
+        try:
+            return 0 if e2e_check(device, log=lambda s: print(s, flush=True), check=check) else 1
+        except Exception:  # noqa: BLE001 - a crash is the check's failure, said in its own line
+            print(f"FAIL {check.name}: raised:\n{traceback.format_exc(limit=8)}", flush=True)
+            return 1
     i, n = (int(x) for x in args.shard.split("/"))
     selected = [c for c in cases() if args.backend in ("all", c.backend) and (c.quick or not args.quick)][i::n]
     ok, failed, skipped = run_cases(selected, device, log=lambda s: print(s, flush=True))

@@ -288,6 +288,7 @@ def test_bad_arguments(llama):
         engine(loaded, enable_prefix_caching="no")
 
 
+@pytest.mark.interpreter  # Triton kernels on CPU tensors: skipped where CUDA is present
 def test_triton_kernels_with_cached_prefixes_chunks_and_kv_splits(tmp_path):
     """The Triton kernels (interpreted on a CPU), tiny model: cached prefixes, chunks of 5 tokens and the prefill
     attention split over keys (planned with 8-key splits, so that these short prompts split) give the tokens of

@@ -406,6 +406,7 @@ def test_qwen2_biases_fewer_kv_heads_than_ranks_tied_head(ckpts):
     assert len(ranks) == 1 and reaped(ranks)
 
 
+@pytest.mark.interpreter  # Triton kernels on CPU tensors: skipped where CUDA is present
 def test_triton_backend_equals_one_device(tmp_path):
     """The Triton kernels (interpreted) on 2 ranks: Qwen3 (its per-head q/k norm, replicated, runs in the fused
     rotary kernel on each rank's heads), 2 query heads / 1 KV head of dim 64, tied, 4-token blocks; 5 tokens for
