@@ -27,8 +27,9 @@
 #   kernels      30 T_KERNELS      kernel benchmarks (python -m bench.run_all --quick; linear: a short row set)
 #   e2e          50 T_E2E          end-to-end: Llama-3.2-1B, Llama-3-8B, Qwen3-8B, trinfer vs transformers eager;
 #                                  then trinfer with int4 weights (Llama-3.2-1B)
-#   prefix_chunk 35 T_PREFIX_CHUNK prefix caching (TTFT with a cached 2K prefix) and chunked prefill (ITL of 4 streams
-#                                  while an 8K prompt arrives, per max_num_batched_tokens: none, 2048, 512, 128)
+#   prefix_chunk 35 T_PREFIX_CHUNK chunked prefill (ITL of 4 streams while an 8K prompt arrives, per
+#                                  max_num_batched_tokens: none, 2048, 512, 128: is the CUDA default 512 right?),
+#                                  then prefix caching (TTFT with a cached 2K prefix), Llama-3.2-1B
 #   spec         20 T_SPEC         speculative decoding (bench/bench_spec.py), where it exists
 #   pack          8                the archive again, with what the benchmarks compiled
 # pytest and Python stages are stopped with SIGINT at their limit (pytest then prints its summary and tracebacks),
@@ -517,9 +518,10 @@ export -f e2e_stage
 run_stage e2e bash -c "e2e_stage ${LIMIT[e2e]}"
 collect_results e2e
 
-# max_num_batched_tokens 512 is the CUDA default (an estimate from the FLOP count): these rows confirm or correct it.
-run_stage prefix_chunk $PY -m bench.bench_prefix_chunk --device cuda --shape Llama-3.2-1B --reps 2 \
-  --budgets none,2048,512,128 --out "$WORK/prefix_chunk"
+# max_num_batched_tokens 512 is the CUDA default (an estimate from the FLOP count): the itl part's rows confirm or
+# correct it, so it runs first (each part is written when done); the prefix part's TTFT with a cached 2K prefix after.
+run_stage prefix_chunk $PY -m bench.bench_prefix_chunk --device cuda --shape Llama-3.2-1B --parts itl,prefix \
+  --reps 2 --budgets none,2048,512,128 --out "$WORK/prefix_chunk"
 collect_results prefix_chunk
 
 # Speculative decoding: wired when bench/bench_spec.py lands (its tests, tests/test_spec*.py, run in the tests stage).

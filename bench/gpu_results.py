@@ -87,10 +87,22 @@ def prefix_chunk_lines(data: dict[str, Any]) -> list[str]:
         lines.append(f"  TTFT after a cached {p.get('prefix_tokens')}-token prefix: {_f(p.get('ttft_ms_cached'), '.1f')}"
                      f" ms with the cache, {_f(p.get('ttft_ms_uncached'), '.1f')} ms without: "
                      f"{_f(p.get('speedup_median'), '.1f')}x; tokens equal: {p.get('tokens_equal')}")
-    if data.get("itl"):
+    itl = data.get("itl") or []
+    by_budget = {r.get("budget"): r for r in itl}
+    chunked = [r for r in itl if r.get("budget") and isinstance(r.get("max_over_median_all"), (int, float))]
+    if 512 in by_budget and chunked:
+        d, best = by_budget[512], min(chunked, key=lambda r: r["max_over_median_all"])
+        whole = (by_budget.get(None) or {}).get("long_ttft_ms")
+        cost = (f" ({d['long_ttft_ms'] / whole:.2f}x its TTFT unchunked)"
+                if isinstance(whole, (int, float)) and whole and isinstance(d.get("long_ttft_ms"), (int, float))
+                else "")
+        lines.append(f"  the default max_num_batched_tokens 512: max/median ITL {_f(d.get('max_over_median_all'), '.1f')}"
+                     f", long prompt TTFT {_f(d.get('long_ttft_ms'), '.0f')} ms{cost}; lowest max/median: "
+                     f"{best['budget']} ({_f(best['max_over_median_all'], '.1f')})")
+    if itl:
         lines.append(f"  {'max_num_batched_tokens':>22} {'ITL before ms':>13} {'during max ms':>13} "
                      f"{'max/median':>10} {'stall':>6} {'long TTFT ms':>12} {'alone ms':>9}")
-        for r in data["itl"]:
+        for r in itl:
             lines.append(f"  {str(r.get('budget') or 'none'):>22} {_f(r.get('itl_before_median_ms'), '13.2f')} "
                          f"{_f(r.get('itl_during_max_ms'), '13.1f')} {_f(r.get('max_over_median_all'), '10.1f')} "
                          f"{_f(r.get('stall_factor'), '6.1f')} {_f(r.get('long_ttft_ms'), '12.1f')} "

@@ -371,6 +371,12 @@ def test_e2e_results_merged_into_one_file(tmp_path):
     assert not (tmp_path / "z.json").exists()
     text = "\n".join(gpu_results.generic_lines("spec", {"speedup": 1.5, "rows": [{"k": 4}]}))
     assert "speedup=1.5" in text and "k=4" in text
+    # the chunked-prefill rows: how the CUDA default budget (512) compares
+    itl = [{"budget": b, "max_over_median_all": m, "long_ttft_ms": t} for b, m, t in
+           ((None, 300.0, 100.0), (2048, 40.0, 101.0), (512, 3.5, 110.0), (128, 1.5, 150.0))]
+    text = "\n".join(gpu_results.prefix_chunk_lines({"model": "m", "backend": "triton", "itl": itl}))
+    assert ("the default max_num_batched_tokens 512: max/median ITL 3.5, long prompt TTFT 110 ms (1.10x its TTFT "
+            "unchunked); lowest max/median: 128 (1.5)") in text, text
 
 
 def test_run_all_order_and_case_filter():
