@@ -188,7 +188,7 @@ if [ $DRY_RUN = 1 ]; then
       *) grep -q "^$e::" "$collected" || { echo "FAIL: $e collects no test"; fail=1; } ;;
     esac
   done
-  n_fast=$(grep -E "^($(IFS='|'; echo "${FAST_TESTS[*]}"))(::|\[)" "$collected" | grep -vc 'compiles_fullgraph')
+  n_fast=$(grep -E "^($(IFS='|'; echo "${FAST_TESTS[*]}"))(::|\[|$)" "$collected" | grep -vc 'compiles_fullgraph')
   echo "  collected $(grep -c '::' "$collected") tests in $(parallel_tests | wc -l) files or ids ($n_fast in the" \
        "fast pass); deselected on a GPU: ${#DESELECT_ON_GPU[@]} ids, ${#IGNORE_ON_GPU[@]} files"
   # Every feature the summary gives a verdict on has tests in the selection (speculative decoding: optional).
@@ -445,6 +445,7 @@ for f in "$WORK"/smoke-[0-9e]*.log; do [ -f "$f" ] && { echo "----- $f"; cat "$f
 # run in the parallel pass.
 PYTEST=(-m pytest -p no:cacheprovider -rfE)
 has_module pytest_timeout && PYTEST+=(--timeout=90)
+for id in "${DESELECT_ON_GPU[@]}"; do PYTEST+=(--deselect "$id"); done
 CUDA_LAUNCH_BLOCKING=1 TRINFER_TEST_CUDA_JIT=0 run_stage tests_fast $PY "${PYTEST[@]}" -x -v -k "$FAST_K" \
   "${FAST_TESTS[@]}"
 
@@ -472,7 +473,6 @@ DONE_IDS=()
 while IFS= read -r id; do [ -n "$id" ] && DONE_IDS+=(--deselect "$id"); done < <($PY -m bench.gpu_verdict done-ids "$WORK/tests_fast.out")
 ARGS=(-v --durations=15)
 for f in "${IGNORE_ON_GPU[@]}"; do ARGS+=(--ignore "$f"); done
-for id in "${DESELECT_ON_GPU[@]}"; do ARGS+=(--deselect "$id"); done
 # --dist load: tests go to the workers in this order, a file's tests over several workers (the kernel files'
 # parameter sweeps compile in parallel); TEST_DIST=loadfile keeps each file on one worker.
 if has_module xdist && [ "${TEST_WORKERS:-12}" != 0 ]; then ARGS+=(-n "${TEST_WORKERS:-12}" --dist "${TEST_DIST:-load}"); fi
