@@ -70,6 +70,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _share_the_gpu_between_xdist_workers():
+    """pytest-xdist workers share one GPU: an engine built without a KV-cache size takes 85% of the free memory
+    by default, which would leave the other workers' engines nothing. Under xdist on CUDA, each worker's
+    default becomes 80% / workers of what is free (test engines are small; explicit sizes are unaffected)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not HAS_CUDA or workers <= 1:
+        yield
+        return
+    from trinfer.runtime import kv_cache
+
+    saved = kv_cache.DEFAULT_CUDA_MEMORY_FRACTION
+    kv_cache.DEFAULT_CUDA_MEMORY_FRACTION = 0.8 / workers
+    yield
+    kv_cache.DEFAULT_CUDA_MEMORY_FRACTION = saved
+
+
 @pytest.fixture
 def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
