@@ -10,7 +10,9 @@ intermediate 96, vocab 512, context 2048; any config key can be overridden.
 
 Weights are random but not Hugging Face's init: every tensor (biases and norms included, which HF starts
 at 0 and 1) is drawn from a seeded generator, so a dropped bias or a swapped row shows up. Projections get
-std 1/sqrt(fan_in) and embeddings std 1, so greedy decoding picks tokens by clear margins.
+std 1/sqrt(fan_in); an untied embedding std 1, a tied one 0.4/sqrt(hidden) (with std 1 a tied model's LM head
+finds the input token's own row: it only repeats its last input token, and a parity test on it proves nothing).
+`assert_varied` checks that greedy outputs a parity test relies on are not degenerate that way.
 
 The tokenizer (`tiny_tokenizer`) is a byte-level BPE whose vocabulary is exactly the model's: 5 special
 tokens (<|endoftext|> 0, <s> 1, </s> 2, <|im_start|> 3, <|im_end|> 4), the 256 byte symbols, then merges
@@ -256,15 +258,15 @@ def make_hf_checkpoint(
     seed: int = 0,
     max_shard_size: str | int | None = None,
     name: str | None = None,
-    embed_std: float = 1.0,
+    embed_std: float | None = None,
     **overrides,
 ) -> str:
     """Write a tiny random-weight checkpoint of `family` under tmp_dir and return its directory.
 
     rope_scaling: replaces the family's (e.g. {"rope_type": "linear", "factor": 2.0}); llama3 has its own.
     max_shard_size: passed to save_pretrained (e.g. "100KB") to get shards and model.safetensors.index.json.
-    embed_std: the embedding's std (1.0). A tied embedding that large makes each token's own logit win: the model
-    repeats its input; 1/sqrt(hidden) does not.
+    embed_std: the embedding's std; None: 1.0 untied, 0.4 / sqrt(hidden_size) tied. A tied embedding of std 1 makes
+    each token's own logit win (the model repeats its last input token); the smaller one gives varied greedy tokens.
     overrides: config keys (hidden_size=..., num_hidden_layers=..., vocab_size=..., head_dim=...).
     The directory holds config.json, model.safetensors (or shards), generation_config.json,
     tokenizer.json and tokenizer_config.json.
@@ -287,6 +289,8 @@ def make_hf_checkpoint(
         kwargs["rope_scaling"] = rope_scaling
     kwargs.update(overrides)
     config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**kwargs)
+    if embed_std is None:
+        embed_std = 0.4 / config.hidden_size ** 0.5 if tie_word_embeddings else 1.0
     torch_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -319,6 +323,22 @@ def make_hf_checkpoint(
         "model_max_length": config.max_position_embeddings,
     })
     return path
+
+
+def assert_varied(prompts: list[list[int]], outputs: list[list[int]], *, min_distinct: int = 3) -> None:
+    """Fail when greedy outputs that a parity or equality test compares are degenerate, so that the comparison
+    would pass for a wrong engine too: an empty output (EOS at once), an output that only repeats its prompt's last
+    token (a tied random model with a large embedding), fewer than half of the outputs with `min_distinct`
+    distinct tokens (a fixed point or a 2-cycle), or every prompt giving the same output. The remedy is in the
+    checkpoint (its seed, `embed_std`), not in the test's tolerance."""
+    assert len(prompts) == len(outputs) > 0, (len(prompts), len(outputs))
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        assert len(out) > 0, f"output {i} is empty (an end-of-sequence token at once?)"
+        assert set(out) != {prompt[-1]}, f"output {i} only repeats its prompt's last token {prompt[-1]}: {out}"
+    varied = sum(len(set(out)) >= min(min_distinct, len(out)) for out in outputs)
+    assert 2 * varied >= len(outputs), (f"only {varied} of {len(outputs)} outputs have {min_distinct} distinct "
+                                        f"tokens: {outputs}")
+    assert len(outputs) == 1 or len({tuple(o) for o in outputs}) > 1, f"every prompt gives the same output {outputs[0]}"
 
 
 def load_hf_model(path: str | os.PathLike):

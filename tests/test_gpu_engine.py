@@ -13,7 +13,7 @@
 import pytest
 import torch
 
-from checkpoints import load_hf_model, make_hf_checkpoint
+from checkpoints import assert_varied, load_hf_model, make_hf_checkpoint
 from trinfer.runtime import Engine
 from trinfer.runtime.loader import load_model_files
 
@@ -75,6 +75,7 @@ def test_engine_matches_transformers_on_the_gpu(name, tmp_path):
     hf.generation_config.eos_token_id = None  # never stops early: the EOS cut is applied below
     prompts = _prompts(loaded.config.vocab_size)
     ref = [_hf_greedy(hf, p, NEW) for p in prompts]
+    assert_varied(prompts, ref)  # (with a tied embedding of std 1, d128-gqa4 only repeated each last token)
     eos = {ref[1][5], ref[3][2]}  # two prompts end mid-way at an end-of-sequence token
     eng = Engine(loaded, backend="triton", block_size=16, max_num_seqs=8, max_model_len=4200, cuda_graphs=True,
                  async_decode=True)

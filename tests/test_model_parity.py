@@ -7,7 +7,7 @@ the default model (GGUF) against transformers reading the same GGUF itself.
 import pytest
 import torch
 
-from checkpoints import hf_llama_from_gguf, load_hf_model, make_hf_checkpoint
+from checkpoints import assert_varied, hf_llama_from_gguf, load_hf_model, make_hf_checkpoint
 from smol import default_model, one_torch_thread  # noqa: F401  (autouse fixture)
 from trinfer.runtime import LLM
 
@@ -20,7 +20,8 @@ PROMPTS = [[1, 17, 99, 4, 250, 63, 8], [1], [1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5,
 
 FAMILIES = {
     "llama": dict(family="llama"),                                        # Llama 2 style, untied
-    "llama3": dict(family="llama3", tie_word_embeddings=True),            # Llama-3.1 rope scaling, tied
+    "llama3": dict(family="llama3", tie_word_embeddings=True),            # Llama-3.1 rope scaling, tied (embedding
+                                                                          # std 0.4/sqrt(hidden): see checkpoints.py)
     "qwen2": dict(family="qwen2"),                                        # q/k/v biases
     "mistral": dict(family="mistral", num_key_value_heads=1),             # GQA group of 4
     # Qwen3: per-head q/k norm, head_dim 32 with hidden 64 / 4 heads; untied with a GQA group of 4, and tied (an
@@ -53,8 +54,9 @@ def test_torch_backend_matches_transformers(name, tmp_path):
     hf = no_eos(load_hf_model(path))
     llm = LLM(path, backend="torch", dtype="float32", device="cpu", block_size=16)
     outs = llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True)  # all prompts in one batch
-    for prompt, out in zip(PROMPTS, outs):
-        expected, expected_lp = hf_greedy(hf, prompt, NEW_TOKENS)
+    refs = [hf_greedy(hf, prompt, NEW_TOKENS) for prompt in PROMPTS]
+    assert_varied(PROMPTS, [tokens for tokens, _ in refs])  # a degenerate model would pass for a wrong engine
+    for prompt, out, (expected, expected_lp) in zip(PROMPTS, outs, refs):
         assert out.token_ids == expected, f"{name}: prompt of {len(prompt)} tokens diverges"
         assert out.finish_reason == "length"
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
@@ -79,8 +81,9 @@ def test_triton_backend_matches_transformers_across_blocks(name, tmp_path):
     llm = LLM(path, backend="triton", dtype="float32", device="cpu", block_size=4, debug=True)
     prompts = [[1, 17, 99], [1, 400, 33, 2, 9, 81]]
     outs = llm.generate(prompts, max_new_tokens=new, ignore_eos=True)
-    for prompt, out in zip(prompts, outs):
-        expected, expected_lp = hf_greedy(hf, prompt, new)
+    refs = [hf_greedy(hf, prompt, new) for prompt in prompts]
+    assert_varied(prompts, [tokens for tokens, _ in refs])
+    for out, (expected, expected_lp) in zip(outs, refs):
         assert out.token_ids == expected
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(expected_lp), atol=1e-4, rtol=1e-4)
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from checkpoints import make_gguf_checkpoint, make_hf_checkpoint, make_quantized_hf_checkpoint
+from checkpoints import assert_varied, make_gguf_checkpoint, make_hf_checkpoint, make_quantized_hf_checkpoint
 from trinfer.cli import main
 from trinfer.runtime import Engine
 from trinfer.runtime import quantization as Q
@@ -50,6 +50,86 @@ def test_quantize_weight_error_is_within_one_step(fmt, group):
     assert torch.all(err[3] == 0)
 
 
+def _float64_quantizer(w: torch.Tensor, fmt: str, group: int):
+    """The formulas of quantization.py's docstring, written again here in float64 (scales rounded to their stored
+    dtype first): (scales, zeros or None, codes [N, K])."""
+    w = w.double()
+    if fmt == "int8":
+        s = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).float()
+        return s, None, torch.round(w / s.double()[:, None]).clamp(-127, 127).long()
+    n, k = w.shape
+    scales, zeros, codes = [], [], []
+    for start in range(0, k, group):
+        g = w[:, start:start + group]  # the last group is partial when K is not a multiple of G
+        lo, hi = g.amin(dim=1).clamp(max=0), g.amax(dim=1).clamp(min=0)
+        s = ((hi - lo) / 15).clamp_min(1e-6).half()
+        z = torch.round(-lo / s.double()).clamp(0, 15)
+        scales.append(s)
+        zeros.append(z.long())
+        codes.append(torch.round(g / s.double()[:, None] + z[:, None]).clamp(0, 15).long())
+    return torch.stack(scales, 1), torch.stack(zeros, 1), torch.cat(codes, 1)
+
+
+@pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 32), ("int4", 128)])
+def test_quantize_weight_equals_a_float64_quantizer(fmt, group):
+    """Scales, zero points and every code equal those of the documented formulas computed here in float64, the
+    int4 codes read from the words by the documented layout (element k at bits 4*(k % 8) of word k // 8). A
+    quantizer that wastes range (a scale over 7 instead of 15, 100 instead of 127) or floors a code or a zero
+    point stays within the one-step error bound above; here it fails. K = 200: a partial last group and word."""
+    w = torch.randn(6, 200) * 0.05
+    w[1] = 0.0  # an all-zero row: the smallest scale
+    w[2, :32] = w[2, :32].abs() + 0.01  # a group with no negative value: z = 0
+    w[3, 40:64] = -w[3, 40:64].abs() - 0.01  # part of a group with no positive value
+    q = Q.quantize_weight(w, fmt, group_size=group or 128)
+    s, z, codes = _float64_quantizer(w, fmt, group)
+    assert torch.equal(q.scales, s)
+    if fmt == "int8":
+        assert torch.equal(q.data.long(), codes)
+        return
+    assert torch.equal(q.zeros.long(), z)
+    words = q.data.long() & 0xFFFFFFFF
+    k = torch.arange(200)
+    assert torch.equal((words[:, k // 8] >> (4 * (k % 8))) & 0xF, codes)
+
+
+def test_awq_and_gptq_words_packed_by_hand():
+    """One 8 x 32 layer (group 32) in each checkpoint layout, its words written out here, and the matrix it stands
+    for worked by hand. GPTQ (v1, zero points stored minus 1): qweight [4, 8], word [r, n] holds W's codes for
+    k = 8r..8r+7 at bits 0, 4, .., 28 (codes (n + k) % 16: word [0, 0] is 0x76543210); every stored zero 7, so
+    z = 8; scales 0.5 * (n + 1). AWQ: qweight [32, 1], word k holds columns 0, 2, 4, 6, 1, 3, 5, 7 at bits 0, 4, ..
+    (codes (k + n) % 16: word 0 is 0x75316420); zero points n, packed alike (0x75316420); scales 0.25 * (n + 1).
+    Independent of tests/checkpoints.py's packer, which the other AWQ/GPTQ tests share with nothing but this."""
+    from trinfer.runtime.quantization_hf import HFQuantizedTensors
+
+    def word(fields):  # 8 nibbles, field i at bits 4i, as the int32 a checkpoint stores
+        v = sum(f << (4 * i) for i, f in enumerate(fields))
+        return v - 2**32 if v >= 2**31 else v
+
+    n_, k_ = torch.arange(8)[:, None], torch.arange(32)[None, :]
+    gptq_q = torch.tensor([[word([(n + 8 * r + j) % 16 for j in range(8)]) for n in range(8)] for r in range(4)],
+                          dtype=torch.int32)
+    assert gptq_q[0, 0] == 0x76543210 and gptq_q[1, 3] == word([11, 12, 13, 14, 15, 0, 1, 2])
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    awq_q = torch.tensor([[word([(k + c) % 16 for c in order])] for k in range(32)], dtype=torch.int32)
+    assert awq_q[0, 0] == 0x75316420 and awq_q[9, 0] == word([9, 11, 13, 15, 10, 12, 14, 0])
+    cases = {
+        "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True},
+                 gptq_q, torch.tensor([[word([7] * 8)]], dtype=torch.int32),
+                 (0.5 * torch.arange(1, 9)).half()[None], ((n_ + k_) % 16 - 8) * 0.5 * (n_ + 1)),
+        "awq": ({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
+                awq_q, torch.tensor([[0x75316420]], dtype=torch.int32),
+                (0.25 * torch.arange(1, 9)).half()[None], ((n_ + k_) % 16 - n_) * 0.25 * (n_ + 1)),
+    }
+    for method, (qc, qweight, qzeros, scales, want) in cases.items():
+        held = HFQuantizedTensors(parse_quantization_config(qc), qkv_bias=False)
+        for part, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+            assert held.feed(f"model.layers.0.mlp.down_proj.{part}", t, "file") == []
+        (name, w, _), = held.weights()
+        assert name == "model.layers.0.mlp.down_proj.weight" and w.shape == (8, 32)
+        assert torch.equal(dequantize_ref(w), want.double()), method
+    assert cases["gptq"][4][0, 0] == -4 and cases["gptq"][4][3, 13] == -16 and cases["awq"][4][2, 1] == 0.75
+
+
 def test_quantize_choices_are_validated(tmp_path):
     with pytest.raises(ValueError, match="quantize: expected None or one of int8, int4, got 'int3'"):
         Q.check_quantize("int3")
@@ -80,6 +160,7 @@ def test_quantize_at_load_decodes_the_torch_oracle_tokens(tiny_qwen2, device):
     assert torch.equal(dense.weights["layers.1.down_proj"],
                        dequantize_ref(loaded.weights["layers.1.down_proj"]).float())
     want = _greedy(Engine(dense, backend="torch", block_size=4), prompts, 3)
+    assert_varied(prompts, want)
     assert _greedy(Engine(loaded, backend="triton", block_size=4), prompts, 3) == want
 
 
@@ -126,6 +207,7 @@ def test_gptq_checkpoint_decodes_the_dequantized_tokens_on_the_kernels(tmp_path,
                                            num_key_value_heads=1, intermediate_size=256)
     prompts = [[1, 40, 41, 42], [1, 300]]
     want = _greedy(Engine(path, backend="torch", device=device, dtype="float32", block_size=4), prompts, 3)
+    assert_varied(prompts, want)
     assert _greedy(Engine(path, backend="triton", device=device, dtype="float32", block_size=4), prompts, 3) == want
 
 
@@ -185,6 +267,7 @@ def test_tiny_gguf_native_blocks_decode_the_dequantized_tokens(qtype, tmp_path, 
     assert isinstance(qkv, QuantizedWeight) and qkv.format == qtype.lower() and emb.format == qtype.lower()
     prompts = [[1, 10, 20, 30], [1, 99]]
     want = _greedy(Engine(path, backend="torch", device=device, dtype="float32", block_size=4), prompts, 4)
+    assert_varied(prompts, want)
     assert _greedy(Engine(native, backend="triton", block_size=4), prompts, 4) == want
 
 

@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from checkpoints import IM_END_ID, QWEN3_TEMPLATE, load_hf_model, make_gguf_checkpoint, make_hf_checkpoint
+from checkpoints import (IM_END_ID, QWEN3_TEMPLATE, assert_varied, load_hf_model, make_gguf_checkpoint,
+                         make_hf_checkpoint)
 from test_model_parity import hf_greedy, no_eos
 from trinfer.runtime import LLM, Engine
 from trinfer.runtime.config import ModelConfig
@@ -130,7 +131,7 @@ def test_qwen3_gguf_loads_and_matches_transformers(tied, tmp_path):
     """A `qwen3` GGUF (F32, as llama.cpp's converter writes it) of a tiny Qwen3: the same config, weights and
     tokenizer as the Hugging Face directory it came from, and transformers' greedy tokens."""
     pytest.importorskip("gguf")
-    extra = dict(embed_std=0.125, num_hidden_layers=4) if tied else dict(num_key_value_heads=1)
+    extra = {} if tied else dict(num_key_value_heads=1)  # tied: the default embedding std (0.4/sqrt(hidden))
     gguf_path, hf_dir = make_gguf_checkpoint(str(tmp_path), family="qwen3", qtype="F32", tie_word_embeddings=tied,
                                              **extra)
     from_gguf = load_model_files(gguf_path, device="cpu", dtype=torch.float32, progress=False)
@@ -153,8 +154,9 @@ def test_qwen3_gguf_loads_and_matches_transformers(tied, tmp_path):
     hf = no_eos(load_hf_model(hf_dir))
     llm = LLM(from_gguf, backend="torch", block_size=16)
     prompts = [[17, 99, 4, 250, 63], [400, 401, 402]]
-    for prompt, out in zip(prompts, llm.generate(prompts, max_new_tokens=12, ignore_eos=True)):
-        assert out.token_ids == hf_greedy(hf, prompt, 12)[0]
+    want = [hf_greedy(hf, prompt, 12)[0] for prompt in prompts]
+    assert_varied(prompts, want)
+    assert [out.token_ids for out in llm.generate(prompts, max_new_tokens=12, ignore_eos=True)] == want
 
 
 def test_qwen3_moe_gguf_refused_by_name(tmp_path):
