@@ -11,7 +11,7 @@ import torch
 
 import cuda_stand_in
 import trinfer.triton_kernels as tk
-from checkpoints import make_hf_checkpoint
+from checkpoints import assert_varied, make_hf_checkpoint
 from smol import one_torch_thread  # noqa: F401  (autouse fixture)
 from trinfer import cuda_kernels as ck
 from trinfer.cli import build_parser, main
@@ -156,7 +156,9 @@ def _greedy(loaded, backend, **kw):
 
 @pytest.fixture(scope="module")
 def torch_tokens(tiny64):
-    return _greedy(tiny64, "torch")[0]
+    tokens = _greedy(tiny64, "torch")[0]
+    assert_varied(PROMPTS, tokens)
+    return tokens
 
 
 @pytest.mark.parametrize("spec, ops", [

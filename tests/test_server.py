@@ -533,8 +533,12 @@ def test_timeout_ends_the_request(loaded):
         long = {**COMP, "prompt": COUNTING, "max_tokens": 900}
         r = http.post("/v1/completions", json=long)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        events = sse_events(http.post("/v1/completions", json={**long, "stream": True}).content)
-        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "abort"
+        events = sse_events(http.post("/v1/completions", json={**long, "stream": True, "logprobs": 0,
+                                                               "stream_options": {"include_usage": True}}).content)
+        assert events[-1] == "[DONE]" and events[-3]["choices"][0]["finish_reason"] == "abort"
+        # The usage of an aborted stream: the tokens it streamed (one log-probability each), no more.
+        streamed = sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events[:-3])
+        assert events[-2]["usage"]["completion_tokens"] == streamed > 0
         s_ = parse_prometheus(http.get("/metrics").text)
         assert metric(s_, "trinfer_requests_finished_total", reason="timeout") == 2
         assert metric(s_, "trinfer_kv_cache_blocks_used") == 0
@@ -594,6 +598,106 @@ def test_sigterm_ends_streams_with_a_final_chunk_and_exits_0(default_gguf, tmp_p
 
 
 # ------------------------------------------------------------------------------------------------ pieces
+class _Pieces:
+    """A tokenizer stand-in: token id -> its text piece."""
+
+    PIECES = {10: "Hé", 11: "llo", 12: " 世", 13: "\ufffd", 14: "!"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_response_objects_by_hand():
+    """The OpenAI objects of trinfer/server/render.py, worked by hand from OpenAI's API reference: each engine finish
+    reason's OpenAI name, usage totals, completions log-probabilities (`text_offset` counts characters and runs on
+    across chunks; top_logprobs {token: logprob}), chat log-probabilities (UTF-8 bytes, None for a piece that is
+    part of a character; top_logprobs only when asked)."""
+    from trinfer.server.protocol import GenerationRequest
+    from trinfer.server.render import ResponseWriter
+
+    w = ResponseWriter(GenerationRequest("completion", MODEL, "x", 8, stream=True, include_usage=True, logprobs=True,
+                                         top_logprobs=1), _Pieces(), MODEL)
+    c = w.chunk("Héllo", [10, 11], [-0.5, -0.25], None)
+    assert c["object"] == "text_completion" and c["usage"] is None and c["id"].startswith("cmpl-")
+    assert c["choices"] == [{"index": 0, "text": "Héllo", "finish_reason": None, "logprobs": {
+        "tokens": ["Hé", "llo"], "token_logprobs": [-0.5, -0.25], "top_logprobs": [{"Hé": -0.5}, {"llo": -0.25}],
+        "text_offset": [0, 2]}}]
+    c = w.chunk(" 世!", [12, 14], [-1.0, -0.125], None)
+    assert c["choices"][0]["logprobs"]["text_offset"] == [5, 7]  # "Hé" + "llo" = 5 characters (6 bytes), " 世" 2
+    for reason, openai_reason in (("eos", "stop"), ("stop", "stop"), ("length", "length"), ("context", "length"),
+                                  ("timeout", "abort"), ("shutdown", "abort"), ("abort", "abort")):
+        end = w.chunk("", [], [], reason)["choices"][0]
+        assert (end["finish_reason"], end["text"], end["logprobs"]) == (openai_reason, "", None), reason
+    assert w.usage_chunk(3, 5)["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert w.usage_chunk(3, 5)["choices"] == []
+
+    chat = ResponseWriter(GenerationRequest("chat", MODEL, [], 8, logprobs=True), _Pieces(), MODEL)
+    full = chat.full("Hé\ufffd", [10, 13], [-0.5, -2.0], "context", prompt_tokens=4)
+    assert full["object"] == "chat.completion" and full["id"].startswith("chatcmpl-")
+    assert full["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    choice = full["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"] == {"role": "assistant", "content": "Hé\ufffd",
+                                                                          "refusal": None}
+    assert choice["logprobs"] == {"refusal": None, "content": [
+        {"token": "Hé", "logprob": -0.5, "bytes": [72, 195, 169], "top_logprobs": []},
+        {"token": "\ufffd", "logprob": -2.0, "bytes": None, "top_logprobs": []}]}
+    plain = ResponseWriter(GenerationRequest("completion", MODEL, "x", 8), _Pieces(), MODEL)
+    assert plain.full("Hé", [10], [-0.5], "eos", prompt_tokens=1)["choices"][0]["logprobs"] is None
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """A tiny random Llama (tests/checkpoints.py) behind the server, with a context of 48 tokens and no end-of-sequence
+    token (so generations end where worked out by hand)."""
+    from checkpoints import make_hf_checkpoint
+
+    path = make_hf_checkpoint(str(tmp_path_factory.mktemp("tiny-serve")), "llama", seed=1)
+    engine = Engine(path, backend="torch", device="cpu", block_size=4, num_kv_blocks=32, max_model_len=48)
+    engine.eos_token_ids = frozenset()
+    with ServerThread(build_app(engine, ServerConfig(model_name=MODEL, shutdown_grace=0))) as s:
+        yield s, path
+
+
+def test_tiny_model_stream_bytes_usage_and_context_end_by_hand(tiny_server):
+    """Raw bytes of a streamed completion of a 37-token prompt with no max_tokens on a 48-token context: every event
+    is `data: <json>` + a blank line; 11 tokens (48 - 37), one chunk each (logprobs asked), then the finish chunk
+    ("length": the context is full), the usage chunk (37 + 11 = 48), `data: [DONE]`. The same request whole gives the
+    same usage; a chat's prompt_tokens are those of the ChatML text written here, encoded by `tokenizers` itself."""
+    server, path = tiny_server
+    prompt = [1] + list(range(20, 56))
+    body = {"model": MODEL, "prompt": prompt, "logprobs": 1}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+        whole = http.post("/v1/completions", json=body).json()
+        chat = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3, "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]}).json()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    raw = r.content
+    assert raw.endswith(b"\n\n")
+    blocks = raw[:-2].split(b"\n\n")
+    assert all(b.startswith(b"data: ") and b"\n" not in b for b in blocks), raw[:300]
+    assert blocks[-1] == b"data: [DONE]" and len(blocks) == 11 + 3
+    events = [json.loads(b[len(b"data: "):]) for b in blocks[:-1]]
+    tokens = [e["choices"][0]["logprobs"] for e in events[:11]]
+    assert all(len(t["tokens"]) == 1 and t["token_logprobs"][0] <= 0 for t in tokens)
+    offsets = [t["text_offset"][0] for t in tokens]
+    assert offsets == [sum(len(t["tokens"][0]) for t in tokens[:i]) for i in range(11)]
+    assert [e["choices"][0]["finish_reason"] for e in events[:11]] == [None] * 11
+    assert events[11]["choices"][0]["finish_reason"] == "length" and events[11]["choices"][0]["text"] == ""
+    assert events[12]["choices"] == [] and events[12]["usage"] == {"prompt_tokens": 37, "completion_tokens": 11,
+                                                                   "total_tokens": 48}
+    assert whole["usage"] == events[12]["usage"] and whole["choices"][0]["finish_reason"] == "length"
+    assert whole["choices"][0]["text"] == "".join(e["choices"][0]["text"] for e in events[:11])
+    assert len(whole["choices"][0]["logprobs"]["tokens"]) == 11
+
+    from tokenizers import Tokenizer
+
+    chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    n_prompt = len(Tokenizer.from_file(os.path.join(path, "tokenizer.json")).encode(chatml, add_special_tokens=False))
+    assert chat["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 3, "total_tokens": n_prompt + 3}
+    assert chat["choices"][0]["finish_reason"] == "length"
+
+
 def test_prometheus_text_by_hand():
     h = Histogram("lat_seconds", "latency", buckets=(0.25, 0.5, 1.0))
     for v in (0.125, 0.25, 0.375, 0.75, 4.0):  # 0.25 falls in le=0.25 (upper bounds are inclusive)
