@@ -28,6 +28,9 @@ FAMILIES = {
     # embedding of std 1/sqrt(hidden), 4 layers: a tied tiny model with a larger one only repeats its input).
     "qwen3": dict(family="qwen3", num_key_value_heads=1),
     "qwen3-tied": dict(family="qwen3", tie_word_embeddings=True, embed_std=0.125, num_hidden_layers=4),
+    # An eps as large as the activations' mean square (0.5): a norm (or q/k norm) that takes another eps than the
+    # config's (1e-5, 1e-6: both negligible next to O(1) activations) diverges here.
+    "qwen3-eps": dict(family="qwen3", rms_norm_eps=0.5),
 }
 
 
