@@ -159,6 +159,32 @@ def _(ctx):
     return ctx.engine.add_request(np.ones((2, 3), dtype=np.int64), max_new_tokens=1)
 
 
+# The boundaries, worked by hand (context 256, vocabulary 512): 255 prompt ids fit and leave exactly one token to
+# generate (finish "context"), 256 do not; id 511 is the last of the vocabulary, 512 is outside it.
+@case("requests", "prompt-ids-filling-the-context", "ValueError", "prompt: 256 tokens do not fit the context of 256")
+def _(ctx):
+    return ctx.engine.add_request([5] * 256, max_new_tokens=1)
+
+
+@case("requests", "prompt-ids-one-under-the-context", None,
+      check=lambda out: None if (len(out.token_ids), out.finish_reason) == (1, "context")
+      else f"{len(out.token_ids)} tokens, finish {out.finish_reason!r} (expected 1, 'context')")
+def _(ctx):
+    return ctx.extra["llm"].generate([[5] * 255], max_new_tokens=10, ignore_eos=True)[0]
+
+
+@case("requests", "prompt-id-equal-to-the-vocabulary-size", "ValueError", "token id 512 at position 1",
+      "outside the vocabulary")
+def _(ctx):
+    return ctx.engine.add_request([5, 512], max_new_tokens=1)
+
+
+@case("requests", "prompt-id-last-of-the-vocabulary", None,
+      check=lambda out: None if len(out.token_ids) == 2 else f"{out.token_ids} (expected 2 tokens)")
+def _(ctx):
+    return ctx.extra["llm"].generate([[5, 511]], max_new_tokens=2, ignore_eos=True)[0]
+
+
 def _same_as_list(ctx: Ctx, prompt) -> str | None:
     want = ctx.extra["llm"].generate([[5, 6, 7]], max_new_tokens=3, ignore_eos=True)[0].token_ids
     got = ctx.extra["llm"].generate(prompt, max_new_tokens=3, ignore_eos=True)
