@@ -538,7 +538,7 @@ def test_timeout_ends_the_request(loaded):
         assert events[-1] == "[DONE]" and events[-3]["choices"][0]["finish_reason"] == "abort"
         # The usage of an aborted stream: the tokens it streamed (one log-probability each), no more.
         streamed = sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events[:-3])
-        assert events[-2]["usage"]["completion_tokens"] == streamed > 0
+        assert events[-2]["usage"]["completion_tokens"] == streamed
         s_ = parse_prometheus(http.get("/metrics").text)
         assert metric(s_, "trinfer_requests_finished_total", reason="timeout") == 2
         assert metric(s_, "trinfer_kv_cache_blocks_used") == 0
