@@ -124,9 +124,19 @@ def main(argv=None) -> int:
     ap.add_argument("--filter", default="", help="only specs whose name contains this")
     args = ap.parse_args(argv)
     specs = all_specs()
+    # Specs of different names that compile to the same binary (same kernel, signature with its divisibility
+    # hints, constexprs, warps and stages) are compiled once: the first name stands for the others.
+    seen: set[tuple] = set()
+    unique = []
+    for i, s in enumerate(specs):
+        key = (s.fn.fn.__module__, s.fn.fn.__name__, json.dumps(s.signature, sort_keys=True),
+               json.dumps(s.constexprs, sort_keys=True, default=str), s.num_warps, s.num_stages,
+               tuple(s.extra.get("archs", ())), s.expect_wgmma)
+        if args.filter in s.name and key not in seen:
+            seen.add(key)
+            unique.append(i)
     # A spec whose configuration is chosen per GPU generation names its arch(s) in extra["archs"].
-    work = [(i, a) for i, s in enumerate(specs) if args.filter in s.name for a in args.arch
-            if a in s.extra.get("archs", (a,))]
+    work = [(i, a) for i in unique for a in args.arch if a in specs[i].extra.get("archs", (a,))]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(compile_one, work))
     print(f"{'kernel':60s} {'sm':>3s} {'warps':>5s} {'stg':>3s} {'regs':>4s} {'shared':>7s} wgmma  status")
@@ -134,7 +144,8 @@ def main(argv=None) -> int:
         print(f"{r['name']:60s} {r['arch']:3d} {r['num_warps']:5d} {r['num_stages']:3d} {r.get('regs', -1):4d} "
               f"{r.get('shared', -1):7d} {str(r.get('wgmma', '-')):5s}  {r['error'] or 'ok'}")
     failed = [r for r in rows if r["error"]]
-    print(f"{len(rows) - len(failed)} compiled clean, {len(failed)} failed, over {len(specs)} specs")
+    print(f"{len(rows) - len(failed)} compiled clean, {len(failed)} failed, over {len(unique)} distinct of "
+          f"{len(specs)} specs")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
