@@ -1,7 +1,8 @@
 """Per-step attention metadata: built once per forward pass and shared by every layer.
 
 A forward pass is either a prefill batch (a run of each sequence's uncomputed tokens, concatenated) or a decode batch
-(one token per sequence). Decode metadata lives in static buffers allocated once (`DecodeBuffers`), so
+(one token per sequence; in a verify pass of speculative decoding, one row per token to check, each a decode row of
+its own length). Decode metadata lives in static buffers allocated once (`DecodeBuffers`), so
 that a CUDA graph captured over them replays with new contents; a batch can be padded to a larger
 captured size with slot -1 (no KV write) and sequence length 0. The decode buffers are updated
 incrementally (only what changed since the previous step travels to the device).
@@ -37,6 +38,9 @@ class AttentionMetadata:
         decode_workspace: fp32 scratch of the split decode attention, allocated once (None: allocated per call)
         prefill_plan: prefill: the attention kernel's launch plan (KV splits; `triton_kernels.PrefillPlan`), built
             once per step for the backends that use it (None: not split)
+        seq_starts: a verify pass (speculative decoding; a decode batch whose sequences take several consecutive
+            rows, each a decode row of its own length): host offsets of each sequence's first row, then the number
+            of rows; None otherwise (a backend may use it to read each sequence's K/V once for all its rows)
     """
 
     is_prefill: bool
@@ -51,6 +55,7 @@ class AttentionMetadata:
     num_seqs: int
     decode_workspace: torch.Tensor | None = None  # decode: preallocated attention scratch (static for CUDA graphs)
     prefill_plan: object | None = None  # prefill: PrefillPlan of the Triton attention kernel (KV splits)
+    seq_starts: list[int] | None = None  # verify pass: each sequence's first row (host), then the row count
 
     @property
     def num_tokens(self) -> int:
@@ -68,13 +73,15 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def build_prefill(seqs: list[Sequence], block_size: int, device: torch.device,
-                  num_new_tokens: list[int] | None = None, planner=None) -> tuple[torch.Tensor, AttentionMetadata]:
+                  num_new_tokens: list[int] | None = None, planner=None, starts: list[int] | None = None
+                  ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Input ids and metadata for prefilling a run of each sequence's uncomputed tokens: `num_new_tokens[i]`
     tokens of seqs[i] from its `num_computed_tokens` on (default: all the rest). The run is a chunk of a long
     prompt, a whole prompt, the part of a prompt after a cached prefix, or prompt + generated tokens when
     recomputing after preemption. Only sequences whose run reaches their last token get a row in
     `logits_indices` (a next token); the others only write K/V. `planner(q_lens, kv_lens)`, when given, plans
-    the prefill attention launch (`meta.prefill_plan`)."""
+    the prefill attention launch (`meta.prefill_plan`). `starts[i]`, when given, replaces seqs[i]'s
+    `num_computed_tokens` as the first token of its run (a draft model, whose cache lags the target's)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -85,7 +92,7 @@ def build_prefill(seqs: list[Sequence], block_size: int, device: torch.device,
     max_blocks = max(len(s.block_table) for s in seqs)
     tables = torch.zeros((len(seqs), max_blocks), dtype=INDEX_DTYPE)
     for i, s in enumerate(seqs):
-        start = s.num_computed_tokens
+        start = s.num_computed_tokens if starts is None else starts[i]
         end = s.num_tokens if num_new_tokens is None else start + num_new_tokens[i]
         if not start < end <= s.num_tokens:
             raise ValueError(f"{s!r}: cannot prefill tokens [{start}, {end}) of {s.num_tokens}")
@@ -237,17 +244,50 @@ class DecodeBuffers:
 
     # ------------------------------------------------------------------ one step's inputs
     def fill(self, seqs: list[Sequence], block_size: int, padded_size: int | None = None, *,
-             ids_on_device: bool = False, defer_updates: bool = False) -> tuple[torch.Tensor, AttentionMetadata]:
+             ids_on_device: bool = False, defer_updates: bool = False, spec: list[list[int]] | None = None
+             ) -> tuple[torch.Tensor, AttentionMetadata]:
         """Write a decode batch into the static buffers (enqueued: non-blocking copies on CUDA).
 
         Row i holds seqs[i], fed at position `num_tokens - 1`. ids_on_device: the ids are already in
         `input_ids` (the previous step's argmax over exactly the same batch); else each sequence's
         `last_token_id` is sent. defer_updates: leave the block-table changes to `apply_block_updates()`
         (the model runner runs it inside the captured step); else they are applied here.
-        Returns `metadata(size, longest sequence)`.
+        spec: a verify pass (speculative decoding): spec[i] are the tokens proposed for seqs[i], which then takes
+        1 + len(spec[i]) consecutive rows: row j feeds token j of [its newest token] + spec[i] at position
+        `num_tokens - 1 + j` and attends to its first `num_tokens + j` tokens, i.e. each row is the decode row
+        that position would be (its own length; the rows share the sequence's block table). The metadata's
+        `seq_starts` then gives each sequence's first row.
+        Returns `metadata(size, longest row)`.
         """
+        if spec is None:
+            lens = [s.num_tokens for s in seqs]
+            ids = None if ids_on_device else [s.token_ids[-1] for s in seqs]
+            return self.fill_rows(seqs, lens, ids, block_size, padded_size, defer_updates=defer_updates)
+        if ids_on_device:
+            raise ValueError("decode batch: a verify pass sends its proposed tokens from the host (ids_on_device=False)")
+        if len(spec) != len(seqs):
+            raise ValueError(f"spec: expected one proposal list per sequence ({len(seqs)}), got {len(spec)}")
+        rows: list[Sequence] = []
+        lens, ids, starts = [], [], [0]
+        for s, proposal in zip(seqs, spec):
+            n = s.num_tokens
+            rows += [s] * (1 + len(proposal))
+            lens += range(n, n + 1 + len(proposal))
+            ids.append(s.token_ids[-1])
+            ids += proposal
+            starts.append(len(rows))
+        return self.fill_rows(rows, lens, ids, block_size, padded_size, defer_updates=defer_updates, seq_starts=starts)
+
+    def fill_rows(self, rows: list[Sequence], lens: list[int], ids: list[int] | None, block_size: int,
+                  padded_size: int | None = None, *, defer_updates: bool = False,
+                  seq_starts: list[int] | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Write decode rows into the static buffers: row i is a query of sequence rows[i] at position
+        `lens[i] - 1` over its first `lens[i]` tokens (its own K/V written at that position's slot), fed token
+        ids[i] (ids None: the ids already in `input_ids`, the previous step's argmax over the same rows).
+        A sequence may take several rows (a verify pass; a draft model's steps). `seq_starts` (host offsets of
+        each sequence's first row, and the end) is handed on in the metadata. See `fill`."""
         try:
-            return self._fill(seqs, block_size, padded_size, ids_on_device, defer_updates)
+            return self._fill(rows, lens, ids, block_size, padded_size, defer_updates, seq_starts)
         except BaseException:
             self.forget_rows()  # the host mirror may be ahead of the device: rewrite every row next time
             raise
@@ -258,17 +298,19 @@ class DecodeBuffers:
         self._row_seq = [None] * self.max_num_seqs
         self._row_bt = [None] * self.max_num_seqs
 
-    def _fill(self, seqs, block_size, padded_size, ids_on_device, defer_updates):
+    def _fill(self, seqs, lens, ids, block_size, padded_size, defer_updates, seq_starts):
         n = len(seqs)
         size = n if padded_size is None else padded_size
         m, w = self.max_num_seqs, self.max_blocks_per_seq
         if not 1 <= n <= size <= m:
-            raise ValueError(f"decode batch: expected 1 <= {n} sequences <= padded size {size} <= {m}")
+            raise ValueError(f"decode batch: expected 1 <= {n} rows <= padded size {size} <= {m}")
+        if len(lens) != n or (ids is not None and len(ids) != n):
+            raise ValueError(f"decode batch: expected {n} lengths and ids (one per row), got {len(lens)} and "
+                             f"{None if ids is None else len(ids)}")
+        ids_on_device = ids is None
         row_seq, row_bt, row_nb, tables = self._row_seq, self._row_bt, self._row_nblocks, self._tables
-        lens = [0] * n
         changed, grown = [], []
         for i, s in enumerate(seqs):
-            lens[i] = s.num_tokens
             bt = s.block_table
             if row_seq[i] is not s or row_bt[i] is not bt:
                 changed.append(i)
@@ -319,7 +361,7 @@ class DecodeBuffers:
         self._pad(r, n, self._staging_rows[k], nu, self._staging_updates[k])
         self._staging_rows[k], self._staging_updates[k] = n, nu
         if not ids_on_device:
-            r["ids"][:n] = [s.token_ids[-1] for s in seqs]
+            r["ids"][:n] = ids
         r["pos"][:n] = pos
         r["slot"][:n] = slots
         r["lens"][:n] = lens_np
@@ -345,7 +387,9 @@ class DecodeBuffers:
             self.delta_bulk = (idx, val)
         if not defer_updates:
             self.apply_block_updates()
-        return self.metadata(size, int(lens_np.max()))
+        _, meta = self.metadata(size, int(lens_np.max()))
+        meta.seq_starts = seq_starts
+        return self.input_ids[:size], meta
 
     def scatter_table_entries(self, idx: torch.Tensor, val: torch.Tensor) -> None:
         """block_tables.view(-1)[idx] = val (idx int64, val int32, on the device), now."""

@@ -75,13 +75,16 @@ class BlockManager:
             return []
         return self.pool.lookup(self._keys(seq, n_full))
 
-    def publish(self, seq: Sequence) -> None:
+    def publish(self, seq: Sequence, limit: int | None = None) -> None:
         """Publish the sequence's full blocks whose K/V is written (`num_computed_tokens`) and whose tokens the
-        host knows (`token_ids`: a token still on the device, or a speculative one, is never part of a key).
-        A block whose contents another block already holds stays private."""
+        host knows (`token_ids`: a token still on the device, or a proposed one not yet verified, is never part
+        of a key), and, when `limit` is given, that lie below it (a draft model's own cache, mirrored on the same
+        blocks, holds valid K/V only up to there). A block whose contents another block already holds stays
+        private."""
         if not self.enable_prefix_caching:
             return
-        n_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        n = min(seq.num_computed_tokens, len(seq.token_ids))
+        n_full = (n if limit is None else min(n, limit)) // self.block_size
         start = seq.num_published_blocks
         if n_full <= start:
             return
@@ -138,6 +141,20 @@ class BlockManager:
             if more > self.pool.num_free:
                 raise RuntimeError(f"no free block for {seq!r}")
             seq.block_table.extend(self.pool.take(more))
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the sequence's blocks past the first `num_tokens` tokens' (after a verify pass: the slots of
+        rejected proposals). They were taken by `grow` for this step, never shared nor published; they return to
+        the front of the free queue in the order they were taken, so the pool is as if they had never been. The
+        sequence gets a new block-table list (a mirror that tracks the list object, such as `DecodeBuffers`, then
+        rewrites its row instead of missing a block replaced at the same index)."""
+        keep = blocks_needed(num_tokens, self.block_size)
+        table = seq.block_table
+        if len(table) > keep:
+            if keep < seq.num_published_blocks or num_tokens < seq.num_computed_tokens:
+                raise RuntimeError(f"{seq!r}: cannot trim to {num_tokens} tokens below its computed or published ones")
+            seq.block_table = table[:keep]  # a new list: whoever mirrors the old one (DecodeBuffers) sees a change
+            self.pool.release(table[keep:])
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the sequence's newest token (fed at the next decode step) has a slot, or one block is free."""

@@ -43,6 +43,7 @@ from .quantization import check_quantize, quantize_weights
 from .sampling_params import SamplingParams
 from .scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler
 from .sequence import FinishReason, Sequence
+from .spec import SpecDecodeStats, Speculator, num_accepted, parse_speculative
 from .tokenizer import validate_text
 
 _DTYPES = {
@@ -168,10 +169,13 @@ class RequestOutput:
     finish_reason: None while running, else "eos" | "length" | "stop" | "context" | "abort".
     num_cached_tokens: prompt tokens whose K/V came from the prefix cache when the request was admitted (not
         computed again: time to first token saved); 0 without a hit or before admission.
+    spec_stats: speculative decoding (`Engine(speculative=...)`): this request's verify steps, proposed and
+        accepted tokens so far (`spec.SpecDecodeStats`: acceptance_rate, mean_accepted_length); None without it.
+        With speculation a delta may carry several tokens (an accepted run), all of one step.
     """
 
     __slots__ = ("_seq", "_n_tokens", "_n_text", "request_id", "finish_reason", "delta_text", "delta_token_ids",
-                 "num_preemptions", "num_cached_tokens")
+                 "num_preemptions", "num_cached_tokens", "spec_stats")
 
     def __init__(self, seq: Sequence, delta_text: str, delta_token_ids: list[int]):
         self._seq = seq  # token lists only grow, so slicing at these lengths is a snapshot
@@ -183,6 +187,7 @@ class RequestOutput:
         self.delta_token_ids = delta_token_ids
         self.num_preemptions = seq.num_preemptions
         self.num_cached_tokens = seq.prefix_hit_tokens or 0  # prompt tokens taken from the prefix cache
+        self.spec_stats = seq.spec.stats.copy() if seq.spec is not None else None
 
     @property
     def finished(self) -> bool:
@@ -282,6 +287,14 @@ class Engine:
             (SystemExit(0)) when rank 0 closes its engine. Greedy tokens are those of one device.
         tp_timeout: seconds any collective may wait (and start-up for the slowest rank); a rank that fails makes
             rank 0 raise `distributed.TensorParallelError`, naming it, and stops every rank.
+        speculative: speculative decoding (default None: off), e.g. {"method": "ngram", "num_tokens": 4} (prompt
+            lookup) or {"method": "draft", "model": PATH, "num_tokens": 4} (a smaller model with the same
+            tokenizer; PATH may also be a LoadedModel on this device in this dtype); other keys: max_ngram,
+            min_ngram, adaptive (`spec.SpeculativeConfig`). Each step the decoding sequences' proposals are checked
+            by the target in one verify pass; the tokens are those of plain greedy decoding (README, "Speculative
+            decoding", says exactly what is guaranteed on which backend). Refused with tensor parallelism for
+            "draft". With speculation, steps run synchronously while any sequence proposes (a proposal needs the
+            previous step's tokens); `spec_stats` counts proposals and acceptances.
 
     `close()` (also at exit, and leaving a `with Engine(...)` block) stops the other tensor-parallel ranks.
     """
@@ -292,7 +305,7 @@ class Engine:
                  max_num_batched_tokens: int | None = None, max_model_len: int | None = None, debug: bool = False,
                  cuda_graphs: bool = True, async_decode: bool = True, quantize: str | None = None,
                  batch_invariant: bool = False, tensor_parallel_size: int | None = None,
-                 tp_timeout: float = DEFAULT_TIMEOUT_S, enable_prefix_caching: bool = True):
+                 tp_timeout: float = DEFAULT_TIMEOUT_S, enable_prefix_caching: bool = True, speculative=None):
         args = {k: v for k, v in locals().items() if k != "self"}  # what spawned tensor-parallel ranks rebuild
         from .loader import LoadedModel, load_model_files
 
@@ -302,6 +315,10 @@ class Engine:
                 raise ValueError(f"{name}: expected an int >= 1, got {type(value).__name__} {value!r}")
         check_block_size(block_size)  # a power of two, as the kernels require
         check_enable_prefix_caching(enable_prefix_caching)  # refused before the model loads
+        spec_config = parse_speculative(speculative)
+        if spec_config is not None and spec_config.method == "draft" and tensor_parallel_requested(tensor_parallel_size):
+            raise ValueError("speculative: method 'draft' is not supported with tensor parallelism (the draft model "
+                             "would need its own sharding); use method 'ngram', or tensor_parallel_size=1")
         weights_device = model.weights["embed_tokens"].device if isinstance(model, LoadedModel) else None
         # A loaded model runs where its weights are, unless a device is named (then they must be on it).
         self.device = resolve_device(weights_device if device is None else device)
@@ -348,31 +365,57 @@ class Engine:
                              f"got {max_model_len}")
         self.max_model_len = max_model_len
         self.block_size = block_size
+        draft = None
+        if spec_config is not None and spec_config.method == "draft":  # its cache mirrors the target's blocks
+            from .spec.draft import load_draft
+
+            draft = load_draft(spec_config.model, target=loaded, device=self.device, dtype=self.dtype,
+                               keep_quantized=self.backend_name != "torch", max_model_len=max_model_len)
+        draft_config = None if draft is None else draft.config
         kv_config = cfg if loaded.shard is None else loaded.shard.local_config(cfg)  # this rank's KV heads
         num_blocks = choose_num_blocks(kv_config, block_size=block_size, dtype=self.dtype, device=self.device,
                                        max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                       num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory)
+                                       num_blocks=num_kv_blocks, memory_bytes=kv_cache_memory,
+                                       draft_config=draft_config)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and self.backend_name != "torch" \
             and not debug
         if self.tp is not None:  # every rank's cache gets the same blocks; a torchrun rank may be started apart
             num_blocks = self.tp.agree_min(num_blocks)
             self.tp.check_same("model or engine arguments", f"{cfg!r} {self.dtype} {self.backend_name} "
                                f"max_model_len={max_model_len} block_size={block_size} num_blocks={num_blocks} "
-                               f"max_num_seqs={max_num_seqs} debug={debug} cuda_graphs={self.cuda_graphs}")
+                               f"max_num_seqs={max_num_seqs} debug={debug} cuda_graphs={self.cuda_graphs} "
+                               f"speculative={spec_config}")
         # Refuse what cannot fit before allocating; the RoPE table and decode buffers are sized by what can run.
+        rows_per_seq = 1 if spec_config is None else 1 + spec_config.num_tokens  # a verify pass's rows
         plan = plan_memory(kv_config, num_blocks=num_blocks, block_size=block_size, dtype=self.dtype,
                            device=self.device, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                            workspace=self.backend_name != "torch", context_from=context_from,
+                           rows_per_seq=rows_per_seq, draft_config=draft_config,
                            blocks_from=f"num_kv_blocks={num_kv_blocks}" if num_kv_blocks is not None else
                            f"kv_cache_memory={kv_cache_memory}" if kv_cache_memory is not None else "the default KV cache")
         self.runner = ModelRunner(cfg, loaded.weights, backend_ops, device=self.device,
                                   dtype=self.dtype, num_blocks=num_blocks, block_size=block_size,
                                   max_num_seqs=plan.runner_seqs, max_model_len=plan.served_len, debug=debug,
-                                  cuda_graphs=self.cuda_graphs, tp=self.tp, shard=loaded.shard)
+                                  cuda_graphs=self.cuda_graphs, tp=self.tp, shard=loaded.shard,
+                                  rows_per_seq=rows_per_seq)
+        self.speculator: Speculator | None = None
+        if spec_config is not None:
+            from .spec.draft import DraftProposer
+            from .spec.ngram import NgramProposer
+
+            if draft is None:
+                proposer = NgramProposer(spec_config.max_ngram, spec_config.min_ngram)
+            else:
+                proposer = DraftProposer(ModelRunner(
+                    draft.config, draft.weights, backend_ops, device=self.device, dtype=self.dtype,
+                    num_blocks=num_blocks, block_size=block_size, max_num_seqs=plan.runner_seqs,
+                    max_model_len=plan.served_len, debug=debug, cuda_graphs=self.cuda_graphs))
+            self.speculator = Speculator(spec_config, proposer)
         self.async_decode = bool(async_decode)
         # The cache holds K/V of this model in this dtype: blocks of another engine never match (separate pools).
         block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
-                                     cache_identity=f"{self.source}|{self.dtype}|{cfg.architecture}")
+                                     cache_identity=f"{self.source}|{self.dtype}|{cfg.architecture}"
+                                                    f"{'' if draft is None else '|draft ' + repr(draft.config)}")
         self.scheduler = Scheduler(block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=(DEFAULT_MAX_NUM_BATCHED_TOKENS[self.device.type]
                                                            if max_num_batched_tokens is None
@@ -384,7 +427,8 @@ class Engine:
         self._ready: list[RequestOutput] = []       # outputs made outside step() (a drain), for the next step()
         # Decode steps launched; of them fed by the previous step's ids on the device; pending steps read before
         # launching (drains); launched steps dropped and run again without a sequence that had just finished.
-        self.decode_stats = {"launched": 0, "continued": 0, "drained": 0, "rerun": 0}
+        # Of the launched steps, verify passes (speculative decoding: some sequence had proposed tokens).
+        self.decode_stats = {"launched": 0, "continued": 0, "drained": 0, "rerun": 0, "verify": 0}
         if self.tp is not None and self.tp.rank > 0:  # a follower: run rank 0's steps until it closes its engine
             tp_worker.follow(self.runner)
             self.close()
@@ -575,6 +619,15 @@ class Engine:
         """Prefix-cache hits so far (requests, prompt tokens, tokens reused, hit rate, evictions)."""
         return self.scheduler.block_manager.stats
 
+    @property
+    def spec_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding's totals (verify steps, proposed and accepted tokens; None when it is off)."""
+        return None if self.speculator is None else self.speculator.stats
+
+    def spec_summary(self) -> str:
+        """One line on speculative decoding (for the CLI and logs): its acceptance so far, or that it is off."""
+        return "speculative decoding off" if self.speculator is None else self.speculator.summary()
+
     def prefix_cache_summary(self) -> str:
         """One line on the prefix cache (for the CLI and logs): its hits so far, or that it is off."""
         if not self.scheduler.block_manager.enable_prefix_caching:
@@ -599,12 +652,21 @@ class Engine:
             outputs += self._resolve(pending)
             pending = None
             self.decode_stats["drained"] += 1
+        spec = self.speculator
+        if spec is not None:  # the decoding sequences ask for proposed tokens (none while the pipeline continues)
+            spec.before_schedule([s for s in self.scheduler.running if s.num_uncomputed_tokens == 1],
+                                 self.max_model_len)
         step = self.scheduler.schedule()
         if step.empty and pending is None and self.scheduler.has_unfinished():  # add_request refuses what never fits
             raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
                                f"{self.scheduler.block_manager.num_free_blocks} free blocks")
         if step.prefill:
             self._prefill(step.prefill, step.prefill_tokens, outputs)
+        if spec is not None and step.decode:
+            spec.after_schedule(step.decode)  # the proposals, in the slots the scheduler gave
+            if any(s.spec_token_ids for s in step.decode):  # a verify pass, run and read at once
+                outputs += self._verify(step.decode)
+                step.decode = []
         launched = self._launch(step.decode, ids_on_device=pending is not None) if step.decode else None
         if pending is not None:
             outputs += self._resolve(pending)
@@ -626,6 +688,8 @@ class Engine:
         sched = self.scheduler
         if sched.waiting or len(sched.running) != len(pending.seqs):
             return False
+        if self.speculator is not None and not all(self.speculator.paused(s) for s in pending.seqs):
+            return False  # someone proposes at the next step: that needs the pending tokens on the host
         bs, need, max_len = self.block_size, 0, self.max_model_len
         for running, seq in zip(sched.running, pending.seqs):
             if running is not seq:
@@ -640,13 +704,15 @@ class Engine:
     def _prefill(self, seqs: list[Sequence], num_tokens: list[int], outputs: list[RequestOutput]) -> None:
         """Run the step's chunks; publish the blocks they completed; a sequence whose chunk reached its last
         token gets its next token."""
+        if self.speculator is not None:  # a draft model computes the same chunks into its own cache
+            self.speculator.prefill(seqs, num_tokens)
         token_ids, logprobs = self.runner.run(seqs, True, num_new_tokens=num_tokens)
         now = time.perf_counter()
         sampled = iter(zip(token_ids, logprobs))
         bm = self.scheduler.block_manager
         for seq, n in zip(seqs, num_tokens):
             seq.num_computed_tokens += n
-            bm.publish(seq)  # K/V written (the pass is done), token ids on the host
+            bm.publish(seq, self._kv_limit(seq))  # K/V written (the pass is done), token ids on the host
             if seq.num_computed_tokens == seq.num_tokens:
                 token_id, logprob = next(sampled)
                 seq.append_token(token_id, logprob, now)
@@ -660,8 +726,51 @@ class Engine:
         for seq in seqs:
             seq.num_computed_tokens = len(seq.token_ids) + seq.num_pending  # the fed token's K/V is written now
             seq.num_pending += 1
-            bm.publish(seq)  # blocks full of host-known tokens (a token still on the device is never in a key)
+            bm.publish(seq, self._kv_limit(seq))  # blocks of host-known tokens (one on the device is never in a key)
         return pending
+
+    def _kv_limit(self, seq: Sequence) -> int | None:
+        """How far the blocks of `seq` may be published: a draft model's own cache must hold them too."""
+        return None if self.speculator is None else self.speculator.kv_limit(seq)
+
+    def _verify(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """A verify pass (speculative decoding): each sequence's newest token and its proposed tokens go through
+        the target as decode rows of their own lengths; each row's argmax is what plain decoding would compute
+        there. Each sequence keeps the longest proposal prefix the target confirms plus the target's next token
+        (`spec.num_accepted`), cut where plain decoding would stop (EOS, a stop string, max_new_tokens); the slots
+        of rejected tokens are rolled back and the blocks past its accepted length return to the pool."""
+        proposals = [s.spec_token_ids for s in seqs]
+        pending = self.runner.launch_decode(seqs, spec=proposals)
+        self.decode_stats["launched"] += 1
+        self.decode_stats["verify"] += 1
+        token_ids, logprobs = self.runner.resolve(pending)
+        now = time.perf_counter()
+        bm, spec = self.scheduler.block_manager, self.speculator
+        outputs: list[RequestOutput] = []
+        r = 0
+        for seq, proposal in zip(seqs, proposals):
+            k = len(proposal)
+            verdicts, lps = token_ids[r: r + k + 1], logprobs[r: r + k + 1]
+            r += k + 1
+            seq.spec_token_ids, seq.num_spec_tokens = [], 0
+            a = num_accepted(proposal, verdicts)
+            n = len(seq.token_ids)
+            seq.num_computed_tokens = n + a  # K/V valid for the fed token and the accepted proposals
+            bm.trim(seq, n + a)  # rejected slots: their blocks go back to the pool
+            if k:
+                spec.verified(seq, k, a)
+            for token_id, logprob in zip(verdicts[: a + 1], lps[: a + 1]):
+                seq.append_token(token_id, logprob, now)
+                self._postprocess(seq, token_id)
+                if seq.finish_reason is not None:  # cut exactly where plain decoding stops
+                    break
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del self._requests[seq.request_id]
+            else:
+                bm.publish(seq, self._kv_limit(seq))
+            outputs.append(self._output(seq))
+        return outputs
 
     def _resolve(self, pending: PendingDecode) -> list[RequestOutput]:
         """Read a launched decode step's tokens (waits for it) and process them."""

@@ -36,13 +36,20 @@ def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * itemsize
 
 
-def num_blocks_for_memory(config, block_size: int, dtype: torch.dtype, memory_bytes: int) -> int:
-    return int(memory_bytes) // bytes_per_block(config, block_size, dtype)
+def num_blocks_for_memory(config, block_size: int, dtype: torch.dtype, memory_bytes: int, draft_config=None) -> int:
+    """Blocks that fit in `memory_bytes`; with a draft model, each block also takes the draft's K/V (its cache
+    mirrors the target's blocks)."""
+    per = bytes_per_block(config, block_size, dtype)
+    if draft_config is not None:
+        per += bytes_per_block(draft_config, block_size, dtype)
+    return int(memory_bytes) // per
 
 
 def choose_num_blocks(config, *, block_size: int, dtype: torch.dtype, device: torch.device, max_num_seqs: int,
-                      max_model_len: int, num_blocks: int | None = None, memory_bytes: int | None = None) -> int:
-    """Number of KV blocks: `num_blocks` if given, else from `memory_bytes`, else from a device default."""
+                      max_model_len: int, num_blocks: int | None = None, memory_bytes: int | None = None,
+                      draft_config=None) -> int:
+    """Number of KV blocks: `num_blocks` if given, else from `memory_bytes`, else from a device default (the
+    memory shared with a draft model's cache of as many blocks, when `draft_config` is given)."""
     if num_blocks is not None and memory_bytes is not None:
         raise ValueError("num_kv_blocks and kv_cache_memory: give at most one of them")
     if num_blocks is not None:
@@ -56,12 +63,12 @@ def choose_num_blocks(config, *, block_size: int, dtype: torch.dtype, device: to
             memory_bytes = int(free * DEFAULT_CUDA_MEMORY_FRACTION)
         else:
             memory_bytes = DEFAULT_CPU_KV_MEMORY
-        n = min(num_blocks_for_memory(config, block_size, dtype, memory_bytes), useful)
+        n = min(num_blocks_for_memory(config, block_size, dtype, memory_bytes, draft_config), useful)
     else:
         if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, (int, float)) \
                 or not math.isfinite(memory_bytes) or memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory: expected a finite number of bytes > 0, got {memory_bytes!r}")
-        n = num_blocks_for_memory(config, block_size, dtype, memory_bytes)
+        n = num_blocks_for_memory(config, block_size, dtype, memory_bytes, draft_config)
     if n < 1:
         per = bytes_per_block(config, block_size, dtype)
         raise ValueError(f"kv_cache_memory: {memory_bytes} bytes hold no KV block (one block of {block_size} "

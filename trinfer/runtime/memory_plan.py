@@ -64,23 +64,31 @@ def _gib(n: int) -> str:
 
 def plan_memory(config, *, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                 max_num_seqs: int, max_model_len: int, workspace: bool, blocks_from: str,
-                context_from: str, available: int | None = None) -> MemoryPlan:
+                context_from: str, available: int | None = None, rows_per_seq: int = 1,
+                draft_config=None) -> MemoryPlan:
     """Size the engine's allocations and refuse (ValueError) a plan larger than the memory available.
 
     workspace: the backend uses the split decode-attention workspace (the Triton and CUDA kernels do).
     blocks_from: what set the cache size, for the message ("num_kv_blocks=...", "kv_cache_memory=...", ...).
     context_from: what set max_model_len ("max_model_len=..." or the model's field).
     available: bytes available (default: `available_memory_bytes(device)`; None skips the check).
+    rows_per_seq: decode rows per sequence (speculative decoding: a verify pass has 1 + k rows per sequence).
+    draft_config: a draft model's config (speculative decoding): its cache of as many blocks, its RoPE table,
+        decode buffers and workspace (one row per sequence) come on top.
     """
     from trinfer.triton_kernels.attention import decode_workspace_numel
 
     served = min(max_model_len, num_blocks * block_size)
     seqs = min(max_num_seqs, num_blocks)
-    kv = num_blocks * bytes_per_block(config, block_size, dtype)
-    rope = served * config.head_dim * 4
-    buffers = seqs * (_DECODE_BYTES_PER_SEQ + 8 * blocks_needed(served, block_size))
-    scratch = 4 * decode_workspace_numel(seqs, config.num_heads, config.head_dim, served) if workspace else 0
-    context = rope + buffers + scratch
+    kv, context = 0, 0
+    for cfg, rows in ((config, seqs * rows_per_seq), (draft_config, seqs)):
+        if cfg is None:
+            continue
+        kv += num_blocks * bytes_per_block(cfg, block_size, dtype)
+        rope = served * cfg.head_dim * 4
+        buffers = rows * (_DECODE_BYTES_PER_SEQ + 8 * blocks_needed(served, block_size))
+        scratch = 4 * decode_workspace_numel(rows, cfg.num_heads, cfg.head_dim, served) if workspace else 0
+        context += rope + buffers + scratch
     plan = MemoryPlan(served_len=served, runner_seqs=seqs, kv_cache_bytes=kv, context_bytes=context)
     if available is None:
         available = available_memory_bytes(device)

@@ -68,6 +68,11 @@ class Backend:
     linear: Callable = Q.torch_linear
     embedding: Callable = Q.torch_embedding
     batch_invariant: bool = False
+    # Attention of a verify pass (speculative decoding: a decode batch whose sequences take several rows, each a
+    # decode row of its own length; `AttentionMetadata.seq_starts`): `(q, k_cache, v_cache, block_tables,
+    # seq_lens, scale, seq_starts=...)`, the same result as `paged_decode_attention` row by row. None: the
+    # decode attention itself, row by row (the Triton/CUDA kernels: each row's bits are then a decode step's).
+    paged_verify_attention: Callable | None = None
 
 
 def parse_backend(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -166,7 +171,7 @@ def get_backend(name: str, *, batch_invariant: bool = False) -> Backend:
 
         return Backend("torch", T.rms_norm, T.fused_add_rms_norm, T.rotary_write_kv_cache, T.silu_and_mul,
                        T.paged_prefill_attention, T.paged_decode_attention, lm_head_greedy, K.build_rope_cache,
-                       prepare_matrix=T.prepare_matrix)
+                       prepare_matrix=T.prepare_matrix, paged_verify_attention=T.paged_verify_attention)
     # The fused LM head + argmax (dense or quantized weight): the logits never go to memory.
     triton = Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
                      K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache,
@@ -270,7 +275,10 @@ class DecoderLayer(nn.Module):
             o = ops.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
                                             self.scale, max_q_len=meta.max_q_len, plan=meta.prefill_plan,
                                             validate=validate)
-        else:
+        elif meta.seq_starts is not None and ops.paged_verify_attention is not None:  # a verify pass (torch)
+            o = ops.paged_verify_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                           seq_starts=meta.seq_starts)
+        else:  # one decode row per query token (a verify pass's rows too: each with its own length)
             o = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
                                            max_seq_len=meta.max_seq_len, workspace=meta.decode_workspace,
                                            validate=validate)

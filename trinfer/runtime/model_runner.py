@@ -74,12 +74,13 @@ def bucket_for(buckets: tuple[int, ...], n: int) -> int | None:
 class PendingDecode:
     """A launched decode step whose tokens have not been read yet (`ModelRunner.resolve`)."""
 
-    __slots__ = ("seqs", "handle", "graphed")
+    __slots__ = ("seqs", "handle", "graphed", "num_rows")
 
-    def __init__(self, seqs: list[Sequence], handle: int, graphed: bool):
+    def __init__(self, seqs: list[Sequence], handle: int, graphed: bool, num_rows: int | None = None):
         self.seqs = seqs
         self.handle = handle    # DecodeBuffers.start_output_copy's handle
         self.graphed = graphed  # replayed from a captured graph (else run eagerly)
+        self.num_rows = len(seqs) if num_rows is None else num_rows  # rows (a verify pass: several per sequence)
 
 
 class ModelRunner:
@@ -89,11 +90,17 @@ class ModelRunner:
 
     Tensor parallelism: `tp` (distributed.TensorParallel) and `shard` (this rank's ShardSpec; `weights` are its
     slices) build this rank's slice of the model and of the KV cache. Rank 0 sends each pass to the other ranks
-    before running it (tp_worker.py); ranks > 0 run `tp_worker.follow(runner)` instead of being called."""
+    before running it (tp_worker.py); ranks > 0 run `tp_worker.follow(runner)` instead of being called.
+
+    Speculative decoding: `rows_per_seq` (1 + the tokens proposed per sequence) sizes the decode buffers, the
+    batch buckets and the attention workspace for verify passes of `max_num_seqs * rows_per_seq` rows; a verify
+    pass is a decode step whose sequences take several rows (`launch_decode(..., spec=...)`), so it replays the
+    same graphs, bucketed by its number of rows."""
 
     def __init__(self, config, weights: dict, backend: Backend, *, device: torch.device, dtype: torch.dtype,
                  num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int, debug: bool = False,
-                 cuda_graphs: bool = False, pad_decode: bool | None = None, tp=None, shard=None):
+                 cuda_graphs: bool = False, pad_decode: bool | None = None, tp=None, shard=None,
+                 rows_per_seq: int = 1):
         self.config = config
         self.backend = backend
         self.device = device
@@ -105,13 +112,14 @@ class ModelRunner:
         self.model = LlamaModel(local, weights, backend, max_positions=max_model_len, validate=debug,
                                 tp=None if tp is None else tp.model_ops(shard, backend))
         self.kv_cache: KVCache = allocate_kv_cache(local, num_blocks, block_size, dtype, device)
-        self.decode_buffers = DecodeBuffers(max_num_seqs, blocks_needed(max_model_len, block_size), device)
+        max_rows = max_num_seqs * rows_per_seq
+        self.decode_buffers = DecodeBuffers(max_rows, blocks_needed(max_model_len, block_size), device)
         if tp is not None and device.type == "cuda":  # a wait that gives up when a rank fails
             self.decode_buffers.event_wait = tp.wait_event
         if backend.name != "torch":  # the kernels' split-KV scratch, once, for the largest batch and context
-            n = decode_workspace_numel(max_num_seqs, local.num_heads, local.head_dim, max_model_len)
+            n = decode_workspace_numel(max_rows, local.num_heads, local.head_dim, max_model_len)
             self.decode_buffers.workspace = torch.empty(max(n, 1), dtype=torch.float32, device=device)
-        self.batch_buckets = decode_batch_buckets(max_num_seqs)
+        self.batch_buckets = decode_batch_buckets(max_rows)
         self.context_buckets = context_buckets(max_model_len)
         self.pad_decode = device.type == "cuda" if pad_decode is None else pad_decode
         self.graphs: dict[tuple[int, int], object] = {}  # (batch bucket, context bound) -> graph with .replay()
@@ -130,16 +138,18 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill and the synchronous API
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, *, padded_size: int | None = None,
-            num_new_tokens: list[int] | None = None) -> tuple[list[int], list[float]]:
+            num_new_tokens: list[int] | None = None, starts: list[int] | None = None
+            ) -> tuple[list[int], list[float]]:
         """One forward pass over `seqs` (a prefill batch or a decode batch), waited for.
 
         Decode: per sequence, the next token id and its log-probability (`padded_size` pads the batch; default:
         its bucket when `pad_decode`). Prefill: `num_new_tokens[i]` tokens of seqs[i] from its
         num_computed_tokens on (default: all the rest; `build_prefill`); the next token and its log-probability
-        of each sequence whose run reaches its last token, in order (a chunk that stops short gets none)."""
+        of each sequence whose run reaches its last token, in order (a chunk that stops short gets none). `starts`
+        replaces the sequences' num_computed_tokens as their runs' first tokens (a draft model's own progress)."""
         if not is_prefill:
             return self.resolve(self.launch_decode(seqs, padded_size=padded_size))
-        input_ids, meta = build_prefill(seqs, self.block_size, self.device, num_new_tokens, self._plan_prefill)
+        input_ids, meta = build_prefill(seqs, self.block_size, self.device, num_new_tokens, self._plan_prefill, starts)
         if self.tp is None:
             token_ids, logprobs = self.prefill_pass(input_ids, meta)
         else:  # every rank runs the same pass
@@ -171,17 +181,20 @@ class ModelRunner:
         return bucket_for(self.batch_buckets, n) or n
 
     @torch.inference_mode()
-    def launch_decode(self, seqs: list[Sequence], *, ids_on_device: bool = False, padded_size: int | None = None
-                      ) -> PendingDecode:
+    def launch_decode(self, seqs: list[Sequence], *, ids_on_device: bool = False, padded_size: int | None = None,
+                      spec: list[list[int]] | None = None) -> PendingDecode:
         """Enqueue one decode step over `seqs` (row i feeds seqs[i]'s token at position num_tokens - 1) and the
         copy of its outputs to the host; nothing waits for the device.
 
         ids_on_device: the input ids are the previous step's argmax, still in the buffers: only valid when the
         previous step ran exactly these sequences in this order (DecodeBuffers checks the rows).
+        spec: a verify pass: spec[i] are the tokens proposed for seqs[i], which then takes 1 + len(spec[i])
+        consecutive rows (`DecodeBuffers.fill`); the outputs are each row's argmax and log-probability.
         """
-        size = self.decode_size(len(seqs)) if padded_size is None else padded_size
+        rows = len(seqs) if spec is None else len(seqs) + sum(len(p) for p in spec)
+        size = self.decode_size(rows) if padded_size is None else padded_size
         buf = self.decode_buffers
-        _, meta = buf.fill(seqs, self.block_size, size, ids_on_device=ids_on_device, defer_updates=True)
+        _, meta = buf.fill(seqs, self.block_size, size, ids_on_device=ids_on_device, defer_updates=True, spec=spec)
         try:
             if self.tp is not None:  # every rank runs the same step
                 tp_worker.lead_decode(self.tp, buf, size, meta.max_seq_len)
@@ -191,7 +204,7 @@ class ModelRunner:
             if self.tp is not None:
                 self.tp.abandon(e)  # the other ranks are somewhere in this step: stop them all
             raise
-        return PendingDecode(seqs, buf.start_output_copy(), graphed)
+        return PendingDecode(seqs, buf.start_output_copy(), graphed, rows)
 
     def run_decode_step(self, size: int, meta: AttentionMetadata) -> bool:
         """Run a filled decode step: its captured graph when there is one (returns True), else eagerly (call it in
@@ -205,9 +218,26 @@ class ModelRunner:
             self.num_eager_decodes += 1
         return graph is not None
 
+    @torch.inference_mode()
+    def decode_rows(self, rows: list[Sequence], lens: list[int], ids: list[int]) -> list[int]:
+        """One decode step over explicit rows, waited for: row i feeds ids[i] to sequence rows[i] at position
+        `lens[i] - 1` (attending to its first lens[i] tokens); returns each row's argmax (a draft model's steps,
+        which feed tokens that are not the sequences' own yet). Runs the captured graph of its size when there is
+        one. Not for tensor parallelism."""
+        size = self.decode_size(len(rows))
+        buf = self.decode_buffers
+        _, meta = buf.fill_rows(rows, lens, ids, self.block_size, size, defer_updates=True)
+        try:
+            self.run_decode_step(size, meta)
+        except BaseException:
+            buf.forget_rows()
+            raise
+        return buf.read_outputs(buf.start_output_copy(), len(rows))[0]
+
     def resolve(self, pending: PendingDecode) -> tuple[list[int], list[float]]:
-        """Wait for a launched step's outputs; its token ids and log-probabilities, one per sequence."""
-        return self.decode_buffers.read_outputs(pending.handle, len(pending.seqs))
+        """Wait for a launched step's outputs; its token ids and log-probabilities, one per row (per sequence, but
+        for a verify pass)."""
+        return self.decode_buffers.read_outputs(pending.handle, pending.num_rows)
 
     def _decode_step(self, size: int, meta: AttentionMetadata) -> None:
         """What a decode graph holds: the block-table updates, the forward pass, the LM head + argmax into

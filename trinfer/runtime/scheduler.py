@@ -7,7 +7,10 @@ computes at most
 `max_num_batched_tokens` tokens, decode tokens included (one each), handed out in this order:
 
 1. Decode: every running sequence with one uncomputed token, oldest first, gets a slot for it. Decode is never
-   deferred for the budget, so running streams advance at every step.
+   deferred for the budget, so running streams advance at every step. With speculative decoding, a decoding
+   sequence that asks for `num_spec_tokens` proposed tokens gets slots for them too, as far as the budget left
+   after every decode token and the free blocks allow (the count is cut to what fits; a proposal never preempts
+   anyone). That count is all the scheduler knows of speculation: this step has 1 + k query tokens for it.
 2. Continuing prefills: running sequences with more (a long prompt part-way through, or a recompute after a
    preemption), oldest first, get the next chunk: as many of their tokens as the budget has left.
 3. New prompts: waiting sequences in arrival order (a preempted one first) while the budget, `max_num_seqs` and
@@ -45,7 +48,8 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 128, "cuda": 512}
 @dataclass(slots=True)
 class ScheduledStep:
     """What one step computes. prefill_tokens[i]: the tokens prefill[i] computes (its chunk, starting at its
-    num_computed_tokens); each decode sequence computes its newest token."""
+    num_computed_tokens); each decode sequence computes its newest token and `num_spec_tokens` tokens proposed after
+    it (speculative decoding: as many as were given a slot)."""
 
     decode: list[Sequence] = field(default_factory=list)
     prefill: list[Sequence] = field(default_factory=list)
@@ -58,7 +62,7 @@ class ScheduledStep:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decode) + sum(self.prefill_tokens)
+        return sum(1 + s.num_spec_tokens for s in self.decode) + sum(self.prefill_tokens)
 
 
 def check_max_num_batched_tokens(value) -> int:
@@ -102,16 +106,20 @@ class Scheduler:
         for seq in self.running:
             (decoding if seq.num_uncomputed_tokens == 1 else prefilling).append(seq)
         scheduled: set[int] = set()
+        spare = budget - len(decoding)  # what the decoding sequences' proposals may take, oldest first
         for seq in decoding + prefilling:
             if seq.status is not running:  # preempted earlier in this step
                 continue
             left = seq.num_uncomputed_tokens
-            n = 1 if left == 1 else min(left, budget)
-            if n <= 0:  # no budget left for this chunk: it waits for the next step, keeping its blocks
-                continue
+            if left == 1:  # decode: its newest token, and the tokens proposed after it (speculative decoding)
+                n = 1 + min(seq.num_spec_tokens, max(spare, 0))
+            else:
+                n = min(left, budget)
+                if n <= 0:  # no budget left for this chunk: it waits for the next step, keeping its blocks
+                    continue
             while not bm.can_grow(seq, seq.num_computed_tokens + n):
                 fit = (len(seq.block_table) + bm.num_free_blocks) * bs - seq.num_computed_tokens
-                if left > 1 and fit >= 1:  # a chunk takes what the free blocks hold
+                if n > 1 and fit >= 1:  # a chunk (or a proposal) takes what the free blocks hold
                     n = fit
                     break
                 victim = self._newest_unscheduled(scheduled)
@@ -125,6 +133,8 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
             if left == 1:
+                seq.num_spec_tokens = n - 1  # what did not fit is not proposed (or not verified)
+                spare -= n - 1
                 step.decode.append(seq)
             else:
                 step.prefill.append(seq)
@@ -156,6 +166,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.num_spec_tokens = 0
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -172,4 +183,5 @@ class Scheduler:
             except ValueError:
                 pass
         self.block_manager.free(seq)
+        seq.num_spec_tokens = 0
         seq.status = SequenceStatus.FINISHED

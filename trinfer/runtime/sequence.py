@@ -43,6 +43,11 @@ class Sequence:
     host yet (0, 1, or 2 while the engine runs one step ahead). They count in `num_tokens` (their KV slots
     are reserved and the next step feeds them from the device) but not in `token_ids`, `num_output_tokens`
     or `last_token_id`, which hold only tokens the host has seen.
+
+    Speculative decoding: `num_spec_tokens` is how many proposed tokens it takes this step (asked before
+    scheduling, cut by the scheduler to the slots it got: the step has 1 + num_spec_tokens query tokens for it),
+    `spec_token_ids` the proposal itself (unverified: never in `token_ids`; the verify pass checks it), and `spec`
+    its statistics and proposer state (`spec.SpecState`; None in an engine without speculation).
     """
 
     __slots__ = (
@@ -50,6 +55,7 @@ class Sequence:
         "num_computed_tokens", "num_pending", "block_hashes", "num_published_blocks", "prefix_hit_tokens",
         "logprobs", "finish_reason", "num_preemptions",
         "arrival_time", "token_times", "detokenizer", "text", "num_text_sent", "num_tokens_sent",
+        "num_spec_tokens", "spec_token_ids", "spec",
     )
 
     def __init__(self, request_id: Any, prompt_token_ids: list[int], params: SamplingParams, *,
@@ -75,6 +81,9 @@ class Sequence:
         self.text = ""           # decoded output text, cut before a stop string once one is found
         self.num_text_sent = 0   # characters of `text` already handed out as deltas
         self.num_tokens_sent = 0  # output tokens already handed out as deltas
+        self.num_spec_tokens = 0  # proposed tokens this step takes (speculative decoding)
+        self.spec_token_ids: list[int] = []  # this step's proposed tokens, unverified
+        self.spec = None  # spec.SpecState: statistics and proposer state (speculative decoding only)
 
     @property
     def num_tokens(self) -> int:

@@ -16,7 +16,9 @@ so the `torch` backend runs these instead where they apply:
         one decoding sequence, and each prefilling one, runs torch's scaled_dot_product_attention (GQA by
         `enable_gqa`, causal by `is_causal` or an explicit mask when a cached prefix precedes the queries);
         a decode batch of several runs batched matrix products with a length mask only when lengths
-        differ. Equal to the reference up to summation order (tests/test_torch_backend.py).
+        differ; a verify pass (speculative decoding) reads each sequence's K/V once for all its rows, as one
+        causal block (`paged_verify_attention`). Equal to the reference up to summation order
+        (tests/test_torch_backend.py).
     prepare_matrix
         fp32 weight matrices on the CPU whose output dim is at least their input dim (q/k/v, o_proj,
         gate/up, the LM head) stored column-major: the same `[out, in]` tensor with transposed strides,
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from trinfer.triton_kernels import references as R
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_write_kv_cache", "paged_prefill_attention",
-           "paged_decode_attention", "prepare_matrix"]
+           "paged_decode_attention", "paged_verify_attention", "prepare_matrix"]
 
 _F32 = torch.float32
 
@@ -135,6 +137,27 @@ def _tokens(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tenso
     return cache[table_row[:nb].long()].view(nb * block_size, heads, dim)[:n]
 
 
+def _causal_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table_row: torch.Tensor, kv_len: int,
+                 scale: float, *, decode_like: bool = False) -> torch.Tensor:
+    """m query rows `[m, q_heads, D]` of one sequence, row i at position `kv_len - m + i` seeing keys 0 .. that
+    position, by torch's `scaled_dot_product_attention` (fp32) over the sequence's cached K/V read once.
+    decode_like: a single row runs without a mask, as `paged_decode_attention` runs a lone sequence.
+    Returns `[m, q_heads, D]` fp32."""
+    m = q.shape[0]
+    k = _tokens(k_cache, table_row, kv_len).transpose(0, 1)[None].float()  # [1, Hkv, kv_len, D]
+    v = _tokens(v_cache, table_row, kv_len).transpose(0, 1)[None].float()
+    qs = q.transpose(0, 1)[None].float()  # [1, Hq, m, D]
+    if m == kv_len:
+        o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    elif m == 1 and decode_like:
+        o = F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=True)
+    else:
+        visible = (torch.arange(kv_len, device=q.device)[None, :]
+                   <= (kv_len - m + torch.arange(m, device=q.device))[:, None])
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor,
                             scale: float, **_kwargs) -> torch.Tensor:
@@ -145,19 +168,23 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     cu = cu_seqlens_q.tolist()
     for s, kv_len in enumerate(kv_lens.tolist()):
         q0, q1 = cu[s], cu[s + 1]
-        m = q1 - q0
-        if m == 0:
-            continue
-        k = _tokens(k_cache, block_tables[s], kv_len).transpose(0, 1)[None].float()  # [1, Hkv, kv_len, D]
-        v = _tokens(v_cache, block_tables[s], kv_len).transpose(0, 1)[None].float()
-        qs = q[q0:q1].transpose(0, 1)[None].float()  # [1, Hq, m, D]
-        if m == kv_len:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            visible = (torch.arange(kv_len, device=q.device)[None, :]
-                       <= (kv_len - m + torch.arange(m, device=q.device))[:, None])
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
-        out[q0:q1] = o[0].transpose(0, 1)
+        if q1 > q0:
+            out[q0:q1] = _causal_rows(q[q0:q1], k_cache, v_cache, block_tables[s], kv_len, scale)
+    return out.to(q.dtype)
+
+
+def paged_verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, *, seq_starts: list[int], **_kwargs) -> torch.Tensor:
+    """A verify pass's attention (speculative decoding): `paged_decode_attention_ref` row by row, where the rows
+    `seq_starts[s]:seq_starts[s+1]` belong to one sequence, share its block-table row and have consecutive lengths
+    (row i of m sees the first `kv_len - m + 1 + i` keys, kv_len its last row's length): computed per sequence
+    as one causal block over its K/V, read once (`_causal_rows`), instead of a gather per row. Padding rows past
+    the last sequence give zeros. Returns `[rows, q_heads, D]` in q's dtype; fp32 math."""
+    out = torch.zeros(q.shape, dtype=_F32, device=q.device)
+    lens = seq_lens.tolist()
+    for r0, r1 in zip(seq_starts, seq_starts[1:]):
+        out[r0:r1] = _causal_rows(q[r0:r1], k_cache, v_cache, block_tables[r0], lens[r1 - 1], scale,
+                                    decode_like=True)
     return out.to(q.dtype)
 
 
