@@ -71,7 +71,7 @@ def load_draft(model, *, target: LoadedModel, device: torch.device, dtype: torch
         raise ValueError(f"speculative: the draft model's context is {dc.max_position_embeddings} tokens, less than "
                          f"the engine's max_model_len {max_model_len}; lower max_model_len")
     dn, tn = _num_params(dc), _num_params(tc)
-    if dn >= tn:
+    if dn > tn:
         warnings.warn(f"speculative: the draft model has {dn / 1e6:.1f}M parameters, the target {tn / 1e6:.1f}M: "
                       "drafting will likely be slower than plain decoding", stacklevel=3)
     return draft
