@@ -4,10 +4,11 @@
                      [--dtype auto|float32|bfloat16|float16] [--backend triton|torch|cuda|cuda:FAMILY[+FAMILY]]
                      [--device cpu|cuda] [--no-cuda-graphs] [--quantize int8|int4] [--batch-invariant]
                      [--tensor-parallel N] [--no-prefix-caching] [--max-num-batched-tokens N]
+                     [--speculative ngram|draft [--speculative-tokens K] [--draft-model PATH]]
     torchrun --nproc-per-node N -m trinfer generate ...   (every rank runs it; rank 0 prints, the others follow)
     trinfer serve [--model PATH] [--host 127.0.0.1] [--port 8000] [engine options] [--max-num-seqs N] ...
     trinfer profile [--model PATH | --shape NAME] [--batch B] [--context N] [--steps K] [--out DIR]
-                    [--no-prefix-caching] [--max-num-batched-tokens N]
+                    [--no-prefix-caching] [--max-num-batched-tokens N] [--speculative ngram|draft ...]
 
 Each command is a pair of functions: `_add_<command>(subparsers)` declares its arguments and
 `_run_<command>(args)` runs it; `_COMMANDS` lists them. Every command runs through `run_command`, which
@@ -55,6 +56,40 @@ def _add_engine_options(p) -> None:
     p.add_argument("--tp-timeout", type=float, default=None, metavar="S",
                    help="seconds a tensor-parallel collective (and start-up) may wait (600)")
     add_scheduling_arguments(p)
+    add_speculative_arguments(p)
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    """--speculative ngram|draft, --speculative-tokens K, --draft-model PATH (generate, serve and profile)."""
+    p.add_argument("--speculative", default=None, choices=("ngram", "draft"),
+                   help="speculative decoding (same tokens as plain greedy): ngram (prompt lookup: continue an "
+                        "earlier occurrence of the last tokens) or draft (a smaller model with the same tokenizer, "
+                        "--draft-model); default off")
+    p.add_argument("--speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens proposed per sequence and step, 1-16 (4)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="with --speculative draft: the draft checkpoint (Hugging Face directory or .gguf)")
+
+
+def speculative_option(args) -> dict | None:
+    """The engine's `speculative=` from the flags of `add_speculative_arguments` (None: off); ValueError naming
+    the flag for a combination that means nothing."""
+    method = getattr(args, "speculative", None)
+    if method is None:
+        for flag, value in (("--speculative-tokens", args.speculative_tokens), ("--draft-model", args.draft_model)):
+            if value is not None:
+                raise ValueError(f"{flag}: given without --speculative (ngram or draft)")
+        return None
+    if args.draft_model is not None and method != "draft":
+        raise ValueError(f"--draft-model: only with --speculative draft, got --speculative {method}")
+    if method == "draft" and args.draft_model is None:
+        raise ValueError("--speculative draft: needs --draft-model PATH (a smaller model with the same tokenizer)")
+    spec: dict = {"method": method}
+    if args.speculative_tokens is not None:
+        spec["num_tokens"] = args.speculative_tokens
+    if args.draft_model is not None:
+        spec["model"] = args.draft_model
+    return spec
 
 
 def add_scheduling_arguments(p: argparse.ArgumentParser, *, default_budget: str = "") -> None:
@@ -78,7 +113,8 @@ def _engine_kwargs(args) -> dict:
     kwargs = dict(dtype=args.dtype, backend=args.backend, device=args.device, block_size=args.block_size,
                   num_kv_blocks=args.num_kv_blocks, cuda_graphs=args.cuda_graphs, quantize=args.quantize,
                   batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel,
-                  enable_prefix_caching=args.prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens)
+                  enable_prefix_caching=args.prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
+                  speculative=speculative_option(args))
     if args.tp_timeout is not None:
         kwargs["tp_timeout"] = args.tp_timeout
     return kwargs
@@ -133,7 +169,8 @@ def _run_generate(args) -> int:
               f"{t.ttft * 1e3:.1f} ms; decode {f'{tps:.1f} tokens/s' if tps else 'n/a'}; {eng.backend_name} backend, "
               f"{str(eng.dtype).removeprefix('torch.')}, {eng.device}"
               f"{'; ' + eng.runner.graph_summary() if eng.device.type == 'cuda' else ''}; "
-              f"{eng.prefix_cache_summary()}]", file=sys.stderr)
+              f"{eng.prefix_cache_summary()}{'; ' + eng.spec_summary() if eng.speculator is not None else ''}]",
+              file=sys.stderr)
     return 0
 
 
@@ -204,6 +241,7 @@ def _add_profile(sub) -> None:
                        description=profiler.__doc__.split("\n\n")[0])
     profiler.add_arguments(p)
     add_scheduling_arguments(p, default_budget=profiler.PROFILE_BUDGET_HELP)
+    add_speculative_arguments(p)
 
 
 def _run_profile(args) -> int:

@@ -11,6 +11,9 @@ Runs the engine as it serves requests (a batch of `--batch` prompts of `--contex
 - the host overhead: the share of each step's wall time the device sits idle (Python, launches, syncs);
 - Chrome/Perfetto traces (`trace_prefill.json`, `trace_decode.json`; open them in ui.perfetto.dev) and a
   `profile.json` summary, in `--out` (default `profile_out/`).
+With `--speculative ngram|draft` the decode steps include verify passes (each prompt is then a random block of
+tokens repeated, so that n-gram lookups find something): the report says how many of the steps verified
+proposals, their acceptance, and the tokens per step.
 On a machine without CUDA it runs the torch backend on the CPU (operator times instead of kernel times) and
 says that GPU figures need a GPU.
 """
@@ -72,9 +75,14 @@ def _engine(args):
     max_len = args.context + max(args.steps, args.warmup_steps) + 2
     blocks = args.batch * (blocks_needed(max_len, 16) + 1) + 8
     budget = getattr(args, "max_num_batched_tokens", None) or args.batch * max_len
+    from trinfer.cli import speculative_option
+
+    spec = speculative_option(args) if hasattr(args, "speculative") else None
+    if spec is not None:  # a verify pass may fill the sequence's blocks up to k tokens further
+        blocks += args.batch * blocks_needed(17, 16)
     kw = dict(device=device, backend=args.backend, max_num_seqs=args.batch, num_kv_blocks=blocks,
               max_num_batched_tokens=budget, cuda_graphs=getattr(args, "cuda_graphs", True),
-              enable_prefix_caching=getattr(args, "prefix_caching", True))
+              enable_prefix_caching=getattr(args, "prefix_caching", True), speculative=spec)
     shape, note = args.shape, None
     if args.model is None and shape is None:
         from trinfer.runtime.default_model import default_model_path
@@ -101,9 +109,13 @@ def _engine(args):
 
 
 def _prompts(engine, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids; with speculative decoding, a random block of 64 repeated (something to look up)."""
     g = torch.Generator().manual_seed(seed)
     vocab = engine.config.vocab_size
-    return torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g).tolist()
+    if engine.speculator is None:
+        return torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g).tolist()
+    block = torch.randint(min(3, vocab - 1), vocab, (batch, min(64, length)), generator=g).tolist()
+    return [(b * (length // len(b) + 1))[:length] for b in block]
 
 
 def _add(engine, prompts, new_tokens: int) -> list:
@@ -207,6 +219,9 @@ def run(args) -> dict[str, Any]:
                      f"{engine.scheduler.max_num_batched_tokens}); the prefill figures cover all of them")
     step_times: list[float] = []
     replays0 = engine.runner.num_graph_replays
+    stats0 = dict(engine.decode_stats)
+    spec0 = engine.spec_stats.copy() if engine.spec_stats is not None else None
+    n_tokens = 0
     # Decode as the engine serves: no sync between steps (each step() launches the next step before it waits
     # for the previous one's tokens), one at the end; a step's wall time is then its time per token.
     with profile(activities=activities) as prof_decode:
@@ -215,7 +230,7 @@ def run(args) -> dict[str, Any]:
             if not engine.has_unfinished():
                 break
             t0 = time.perf_counter()
-            engine.step()
+            n_tokens += sum(len(o.delta_token_ids) for o in engine.step())
             step_times.append(time.perf_counter() - t0)
         _sync(device)
         t_decode = time.perf_counter() - t_decode
@@ -245,7 +260,9 @@ def run(args) -> dict[str, Any]:
         "decode_step_ms": {"median": med / 1e3 if med is not None else None,
                            "p90": (_quantile(step_us, 0.9) or 0) / 1e3 if step_us else None,
                            "mean": mean_step / 1e3 if mean_step else None},
-        "tokens_per_s": args.batch * n_steps / t_decode if step_times else None,
+        # Tokens the profiled steps returned (several per step and sequence in verify passes), per second.
+        "tokens_per_s": n_tokens / t_decode if step_times else None,
+        "tokens_per_step": n_tokens / n_steps if n_steps else None,
         # Device busy (kernels' union) against wall time: the rest is host overhead (Python, launches, syncs).
         "prefill": {"wall_us": t_prefill * 1e6, "busy_us": prefill_busy,
                     "host_overhead_pct": 100.0 * max(0.0, 1 - prefill_busy / (t_prefill * 1e6)) if on_gpu else None,
@@ -259,6 +276,10 @@ def run(args) -> dict[str, Any]:
         "graph_memory_mib": runner.graph_memory_bytes / 2**20 if runner.graph_memory_bytes is not None else None,
         "decode_graph_replays": runner.num_graph_replays - replays0,
         "decode_stats": dict(engine.decode_stats),
+        "verify_steps": engine.decode_stats["verify"] - stats0["verify"],
+        "speculative": None if spec0 is None else {
+            "config": engine.speculator.config.describe(),
+            "profiled": _spec_delta(engine.spec_stats, spec0).as_dict()},
         "prefill_steps": n_prefill_steps,
         "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
         "prefix_caching": engine.scheduler.block_manager.enable_prefix_caching,
@@ -271,6 +292,14 @@ def run(args) -> dict[str, Any]:
     return summary
 
 
+def _spec_delta(now, before):
+    """The speculative statistics gathered since `before` (SpecDecodeStats)."""
+    from trinfer.runtime.spec import SpecDecodeStats
+
+    return SpecDecodeStats(now.num_verify_steps - before.num_verify_steps, now.num_proposed - before.num_proposed,
+                           now.num_accepted - before.num_accepted)
+
+
 def report(summary: dict[str, Any], top: int = 15) -> str:
     s = summary
     unit = "device" if s["device"] != "cpu" else "CPU op"
@@ -281,11 +310,18 @@ def report(summary: dict[str, Any], top: int = 15) -> str:
         lines.append(f"NOTE: {note}")
     if s.get("cuda_graphs"):
         lines.append(f"{s['cuda_graphs']}; {s['decode_graph_replays']} of {s['steps']} decode steps replayed")
+    if s.get("speculative"):
+        sp = s["speculative"]["profiled"]
+        lines.append(f"speculative {s['speculative']['config']}: {s['verify_steps']} of {s['steps']} decode steps were "
+                     f"verify passes; {sp['accepted']}/{sp['proposed']} proposed tokens accepted "
+                     f"({100 * sp['acceptance_rate']:.1f}%), {sp['mean_accepted_length']:.2f} per verify step; "
+                     f"{s['tokens_per_step']:.2f} tokens per step")
     lines.append(f"{s['prefix_cache_summary']} in the warm-up and profiled requests; at most "
                  f"{s['max_num_batched_tokens']} tokens per step, prefill in {s['prefill_steps']} step(s)")
     med, p90 = s["decode_step_ms"]["median"], s["decode_step_ms"]["p90"]
     tps = s["tokens_per_s"]
-    lines.append(f"time to first token {s['ttft_ms']:.2f} ms; per-token latency median "
+    per = "per-step latency (a step may emit several tokens)" if s.get("speculative") else "per-token latency"
+    lines.append(f"time to first token {s['ttft_ms']:.2f} ms; {per} median "
                  f"{med:.3f} ms, p90 {p90:.3f} ms; {tps:.1f} tokens/s" if med is not None else
                  f"time to first token {s['ttft_ms']:.2f} ms; no decode step ran")
     for title, phase in (("prefill", s["prefill"]), ("decode (per step)", d)):
@@ -308,11 +344,12 @@ PROFILE_BUDGET_HELP = "batch x (context + steps): the whole batch's prefill in o
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trinfer.cli import add_scheduling_arguments
+    from trinfer.cli import add_scheduling_arguments, add_speculative_arguments
 
     p = argparse.ArgumentParser(prog="trinfer profile", description=__doc__.splitlines()[0])
     add_arguments(p)
     add_scheduling_arguments(p, default_budget=PROFILE_BUDGET_HELP)
+    add_speculative_arguments(p)
     args = p.parse_args(argv)
     return run_cli(args)
 

@@ -754,9 +754,6 @@ class Engine:
             r += k + 1
             seq.spec_token_ids, seq.num_spec_tokens = [], 0
             a = num_accepted(proposal, verdicts)
-            n = len(seq.token_ids)
-            seq.num_computed_tokens = n + a  # K/V valid for the fed token and the accepted proposals
-            bm.trim(seq, n + a)  # rejected slots: their blocks go back to the pool
             if k:
                 spec.verified(seq, k, a)
             for token_id, logprob in zip(verdicts[: a + 1], lps[: a + 1]):
@@ -764,11 +761,15 @@ class Engine:
                 self._postprocess(seq, token_id)
                 if seq.finish_reason is not None:  # cut exactly where plain decoding stops
                     break
+            # Every emitted token but the newest was fed in this pass (the accepted proposals), as plain decoding
+            # would have fed it: their K/V is verified. The rejected rows' slots are rolled back, their blocks
+            # returned; the blocks now full are published (also just before a finish, as plain decoding does).
+            seq.num_computed_tokens = len(seq.token_ids) - 1
+            bm.trim(seq, seq.num_computed_tokens)
+            bm.publish(seq, self._kv_limit(seq))
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self._requests[seq.request_id]
-            else:
-                bm.publish(seq, self._kv_limit(seq))
             outputs.append(self._output(seq))
         return outputs
 

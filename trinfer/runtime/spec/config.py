@@ -15,7 +15,8 @@ class SpeculativeConfig:
     """method: "ngram" (prompt lookup: what followed an earlier occurrence of the sequence's last n tokens) or
         "draft" (a smaller model with the same tokenizer, run greedily on its own paged KV cache).
     num_tokens: most tokens proposed per sequence and step (k; the verify pass has k + 1 rows for it).
-    model: the draft checkpoint (a Hugging Face directory or a .gguf file); method "draft" only.
+    model: the draft checkpoint (a Hugging Face directory or a .gguf file, or a LoadedModel on the engine's device
+        in its dtype); method "draft" only.
     max_ngram / min_ngram: method "ngram": the longest and shortest suffix looked up (longest first).
     adaptive: back off a sequence whose proposals are rejected at their first token: it skips proposing for 1,
         2, 4, ... up to 16 steps (plain decode rows meanwhile), and proposes every step again once one is accepted.
@@ -44,15 +45,21 @@ class SpeculativeConfig:
             if self.model is None:
                 raise ValueError("speculative: method 'draft' needs 'model', the draft checkpoint's path (a Hugging "
                                  "Face directory or a .gguf file with the target's tokenizer)")
-            if not isinstance(self.model, (str, os.PathLike)):
-                raise TypeError(f"speculative: model expected a path, got {type(self.model).__name__}")
+            from ..loader import LoadedModel
+
+            if not isinstance(self.model, (str, os.PathLike, LoadedModel)):
+                raise TypeError(f"speculative: model expected a path (or a LoadedModel), got "
+                                f"{type(self.model).__name__}")
         elif self.model is not None:
             raise ValueError(f"speculative: 'model' is the draft checkpoint of method 'draft'; method "
                              f"{self.method!r} takes none")
 
     def describe(self) -> str:
         """Short form for logs and the CLI, e.g. "ngram k=4" or "draft k=4 (path)"."""
-        return f"{self.method} k={self.num_tokens}" + (f" ({os.fspath(self.model)})" if self.model else "")
+        if self.model is None:
+            return f"{self.method} k={self.num_tokens}"
+        what = os.fspath(self.model) if isinstance(self.model, (str, os.PathLike)) else "a loaded model"
+        return f"{self.method} k={self.num_tokens} ({what})"
 
 
 _KEYS = ("method", "num_tokens", "model", "max_ngram", "min_ngram", "adaptive")
