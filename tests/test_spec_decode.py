@@ -21,7 +21,7 @@ from trinfer.cli import main
 from trinfer.runtime import LLM, Engine
 from trinfer.runtime.loader import load_model_files
 
-NGRAM = {"method": "ngram", "num_tokens": 4, "min_ngram": 1}
+NGRAM = {"method": "ngram", "num_tokens": 4}
 # Prompts that repeat themselves (something for the n-gram lookup to find) and one that does not.
 PROMPTS = [[1] + [(7 * i + 3 * j) % 60 + 5 for j in range(n)] * reps
            for i, (n, reps) in enumerate(((3, 3), (7, 3), (1, 4), (5, 2), (11, 2), (19, 1)))]

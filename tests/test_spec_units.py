@@ -10,7 +10,9 @@ from trinfer.runtime import Engine, SamplingParams
 from trinfer.runtime.block_manager import BlockManager
 from trinfer.runtime.scheduler import Scheduler
 from trinfer.runtime.sequence import Sequence, SequenceStatus
-from trinfer.runtime.spec import NgramProposer, SpecState, ngram_propose, num_accepted, parse_speculative
+from trinfer.runtime.spec import (NgramProposer, SpeculativeConfig, Speculator, SpecState, ngram_propose, num_accepted,
+                                  parse_speculative)
+from trinfer.runtime.spec.speculator import adaptive_length
 
 # ---------------------------------------------------------------------------------------------------------
 # Acceptance
@@ -102,7 +104,7 @@ def test_bad_speculative_options_are_refused(value, error, message):
 
 def test_good_options():
     c = parse_speculative({"method": "ngram", "num_tokens": 8})
-    assert (c.method, c.num_tokens, c.max_ngram, c.min_ngram, c.adaptive) == ("ngram", 8, 4, 2, True)
+    assert (c.method, c.num_tokens, c.max_ngram, c.min_ngram, c.adaptive) == ("ngram", 8, 4, 1, True)
     assert parse_speculative(None) is None and parse_speculative(c) is c
     assert parse_speculative({"method": "draft", "model": "/m"}).describe() == "draft k=4 (/m)"
 
@@ -192,3 +194,74 @@ def test_trim_returns_the_pool_to_its_state_before_the_step():
     assert list(bm.pool.ref_count) == counts_before
     with pytest.raises(RuntimeError, match="cannot trim"):
         bm.trim(s, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adaptation
+
+
+@pytest.mark.parametrize("p, row_cost, cap, expected", [
+    (0.6, 0.17, 4, 3),    # 0.6^3 = 0.216 >= 0.17 > 0.6^4 = 0.130
+    (0.9, 0.17, 8, 8),    # 0.9^8 = 0.43: the cap
+    (0.3, 0.17, 4, 1),    # 0.3^2 = 0.09 < 0.17: one token (the floor)
+    (0.1, 0.17, 4, 1),    # below the row cost: still one (back-off, not the length, stops a failing sequence)
+    (1.0, 0.17, 5, 5),
+    (0.8, 0.05, 16, 13),  # 0.8^13 = 0.055, 0.8^14 = 0.044
+])
+def test_adaptive_length_hand_worked(p, row_cost, cap, expected):
+    assert adaptive_length(p, row_cost, cap) == expected
+
+
+class _Fixed:
+    """A proposer that proposes `tokens` (cut to the limit) for every sequence."""
+    name, writes_cache = "fixed", False
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def propose(self, seqs, limits):
+        return [self.tokens[:k] for k in limits]
+
+
+def test_speculator_adapts_length_and_backs_off():
+    """Worked by hand with row cost 0.17 and a cap of 8 tokens: the estimate starts at 0.6 (3 tokens); 2 accepted
+    of 3 move it to 0.6 -> 0.68 -> 0.744 -> 0.5952 (3 tokens); a rejection at the first token: 0.476 (2 tokens)
+    and a pause of 1 step, then of 2 after the next one; an accept ends the pauses."""
+    spec = Speculator(SpeculativeConfig("ngram", num_tokens=8), _Fixed(list(range(100, 120))), "cpu")
+    s = _seq([1, 2, 3])
+    spec.before_schedule([s], max_model_len=1000)
+    assert s.spec_token_ids == [100, 101, 102] and s.num_spec_tokens == 3
+    spec.verified(s, 3, 2)
+    assert s.spec.p_accept == pytest.approx(0.5952) and s.spec.skip == 0
+    spec.before_schedule([s], 1000)
+    assert s.num_spec_tokens == 3
+    spec.verified(s, 3, 0)
+    assert s.spec.p_accept == pytest.approx(0.47616) and (s.spec.skip, s.spec.backoff) == (1, 1)
+    spec.before_schedule([s], 1000)  # paused
+    assert s.num_spec_tokens == 0 and s.spec.skip == 0 and spec.paused(s) is False
+    spec.before_schedule([s], 1000)
+    assert s.num_spec_tokens == 2
+    spec.verified(s, 2, 0)
+    assert (s.spec.skip, s.spec.backoff) == (2, 2)
+    spec.before_schedule([s], 1000)
+    spec.before_schedule([s], 1000)
+    spec.before_schedule([s], 1000)
+    assert s.num_spec_tokens == 1  # 0.381: one token
+    spec.verified(s, 1, 1)
+    assert s.spec.backoff == 0 and spec.stats.as_dict() == {
+        "verify_steps": 4, "proposed": 9, "accepted": 3, "acceptance_rate": 3 / 9, "mean_accepted_length": 0.75}
+    spec.before_schedule([s], 1000)
+    assert s.num_spec_tokens == 2  # 0.505 after the accept
+    # Never more than can be emitted: with a context of 5, the 3 tokens leave room for 1 proposal (and the
+    # target's own token); with max_new_tokens 1, none.
+    spec.before_schedule([s], max_model_len=5)
+    assert s.num_spec_tokens == 1
+    short = _seq([1, 2, 3], 1)
+    short.params = SamplingParams(max_new_tokens=1)
+    spec.before_schedule([short], 1000)
+    assert short.num_spec_tokens == 0
+    fixed = Speculator(SpeculativeConfig("ngram", num_tokens=5, adaptive=False), _Fixed(list(range(10))), "cpu")
+    fixed.before_schedule([s], 1000)
+    fixed.verified(s, 5, 0)
+    fixed.before_schedule([s], 1000)
+    assert s.num_spec_tokens == 5  # no back-off, no length adaptation

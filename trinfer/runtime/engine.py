@@ -323,7 +323,8 @@ class Engine:
         # A loaded model runs where its weights are, unless a device is named (then they must be on it).
         self.device = resolve_device(weights_device if device is None else device)
         self.backend_name = resolve_backend(backend, self.device)
-        backend_ops = get_backend(self.backend_name, batch_invariant=batch_invariant)  # refused before loading
+        backend_ops = get_backend(self.backend_name, batch_invariant=batch_invariant,  # refused before loading
+                                  few_rows=spec_config is not None)
         self.batch_invariant = batch_invariant
         check_quantize(quantize)
         if isinstance(model, LoadedModel) and tensor_parallel_requested(tensor_parallel_size):
@@ -410,7 +411,7 @@ class Engine:
                     draft.config, draft.weights, backend_ops, device=self.device, dtype=self.dtype,
                     num_blocks=num_blocks, block_size=block_size, max_num_seqs=plan.runner_seqs,
                     max_model_len=plan.served_len, debug=debug, cuda_graphs=self.cuda_graphs))
-            self.speculator = Speculator(spec_config, proposer)
+            self.speculator = Speculator(spec_config, proposer, self.device.type)
         self.async_decode = bool(async_decode)
         # The cache holds K/V of this model in this dtype: blocks of another engine never match (separate pools).
         block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,

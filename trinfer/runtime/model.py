@@ -140,14 +140,18 @@ def _cuda_decode_head_dims(head_dim: int) -> None:
                          f"(instantiated head dims), got {head_dim}")
 
 
-def get_backend(name: str, *, batch_invariant: bool = False) -> Backend:
+def get_backend(name: str, *, batch_invariant: bool = False, few_rows: bool = False) -> Backend:
     """The Backend of a choice (syntax: `parse_backend`): `"triton"`, the Triton kernels; `"torch"`, their PyTorch
     references, which run anywhere; `"cuda"` / `"cuda:FAMILY[+FAMILY...]"`, the Triton kernels with those families
     on the CUDA C++ kernels (ValueError naming the reason when those cannot run here).
 
     batch_invariant: decode steps run every matrix product on the batch-invariant Triton `linear` kernel (not
     only those on quantized weights), so a sequence's tokens do not depend on the batch it is decoded in. The
-    `torch` backend (torch's matmul) refuses it."""
+    `torch` backend (torch's matmul) refuses it.
+
+    few_rows: decode-type passes of a few rows per sequence will run (speculative decoding's verify passes): the
+    `torch` backend then keeps a row-major copy of each matrix it stores column-major (`torch_backend.TwoLayouts`:
+    twice those matrices' memory, for 1.5-2.6x faster products of 2-5 rows on the CPU)."""
     from trinfer import triton_kernels as K
 
     name, cuda_families = parse_backend(name)
@@ -162,7 +166,7 @@ def get_backend(name: str, *, batch_invariant: bool = False) -> Backend:
         from . import torch_backend as T  # the references, leaner on the hot path (see that module)
 
         def lm_head_greedy(hidden, weight, return_logprobs=False, out=None):  # torch's matmul, then the argmax
-            res = R.greedy_sample_ref(Q.torch_linear(hidden, weight), return_logprobs)
+            res = R.greedy_sample_ref(T.linear(hidden, weight), return_logprobs)
             if out is None:
                 return res
             for o, r in zip(out if return_logprobs else (out,), res if return_logprobs else (res,)):
@@ -171,7 +175,8 @@ def get_backend(name: str, *, batch_invariant: bool = False) -> Backend:
 
         return Backend("torch", T.rms_norm, T.fused_add_rms_norm, T.rotary_write_kv_cache, T.silu_and_mul,
                        T.paged_prefill_attention, T.paged_decode_attention, lm_head_greedy, K.build_rope_cache,
-                       prepare_matrix=T.prepare_matrix, paged_verify_attention=T.paged_verify_attention)
+                       prepare_matrix=T.prepare_matrix_two_layouts if few_rows else T.prepare_matrix,
+                       linear=T.linear, paged_verify_attention=T.paged_verify_attention)
     # The fused LM head + argmax (dense or quantized weight): the logits never go to memory.
     triton = Backend("triton", K.rms_norm, K.fused_add_rms_norm, K.rotary_write_kv_cache, K.silu_and_mul,
                      K.paged_prefill_attention, K.paged_decode_attention, K.lm_head_greedy, K.build_rope_cache,
@@ -192,15 +197,17 @@ def get_backend(name: str, *, batch_invariant: bool = False) -> Backend:
 
 
 def _set_weight(module: nn.Module, name: str, w) -> None:
-    """A dense weight as a buffer of `module`; a QuantizedWeight (several tensors) as a plain attribute."""
-    if isinstance(w, Q.QuantizedWeight):
-        setattr(module, name, w)
-    else:
+    """A dense weight as a buffer of `module`; a QuantizedWeight (several tensors) or a matrix the backend keeps in
+    two layouts (`torch_backend.TwoLayouts`) as a plain attribute."""
+    if isinstance(w, torch.Tensor):
         module.register_buffer(name, w)
+    else:
+        setattr(module, name, w)
 
 
 def _matrix(backend: Backend, w):
-    """`backend.prepare_matrix(w)` for a dense matrix; a QuantizedWeight as it is (the kernels read its layout)."""
+    """`backend.prepare_matrix(w)` for a dense matrix (the same values in the layout its products run fastest, or
+    two layouts); a QuantizedWeight as it is (the kernels read its layout)."""
     return w if isinstance(w, Q.QuantizedWeight) else backend.prepare_matrix(w)
 
 

@@ -39,8 +39,11 @@ import torch.nn.functional as F
 
 from trinfer.triton_kernels import references as R
 
+from . import quantization as Q
+
 __all__ = ["rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_write_kv_cache", "paged_prefill_attention",
-           "paged_decode_attention", "paged_verify_attention", "prepare_matrix"]
+           "paged_decode_attention", "paged_verify_attention", "prepare_matrix", "prepare_matrix_two_layouts", "linear",
+           "TwoLayouts"]
 
 _F32 = torch.float32
 
@@ -227,6 +230,51 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if 0 in lens:
         probs = probs.nan_to_num_(0.0)  # no key visible: zeros, as the reference
     return torch.matmul(probs, v).view(batch, q_heads, dim).to(q.dtype)
+
+
+class TwoLayouts:
+    """A weight matrix `[out, in]` kept twice (speculative decoding on the CPU): `cols`, column-major, for products of
+    one row (decode steps) and of many (prefill), and `rows`, row-major, for products of a few rows (a verify
+    pass: 2 to `FEW_ROWS`), which MKL runs as `rows @ x^T` 1.5-2.6x faster than from either layout with x as the
+    left operand (measured, `prepare_matrix`). Same values; twice the memory."""
+
+    __slots__ = ("cols", "rows")
+
+    def __init__(self, cols: torch.Tensor, rows: torch.Tensor):
+        self.cols, self.rows = cols, rows
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.rows.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+
+FEW_ROWS = 16  # products of 2..FEW_ROWS rows run on TwoLayouts.rows
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, decode: bool = False) -> torch.Tensor:
+    """The torch backend's `linear` (`quantization.torch_linear`), taking a `TwoLayouts` matrix too: `x @ W^T + b`
+    as `(W x^T)^T` on its row-major copy for 2..FEW_ROWS rows, else on its column-major one."""
+    if isinstance(weight, TwoLayouts):
+        if 2 <= x.shape[0] <= FEW_ROWS and x.dim() == 2:
+            y = torch.mm(weight.rows, x.t()).t().contiguous()
+            return y if bias is None else y.add_(bias)
+        weight = weight.cols
+    return Q.torch_linear(x, weight, bias, decode=decode)
+
+
+def prepare_matrix_two_layouts(w: torch.Tensor) -> torch.Tensor | TwoLayouts:
+    """`prepare_matrix`, keeping the row-major original beside a column-major copy (TwoLayouts) for the products
+    of a few rows that speculative decoding's verify passes run."""
+    cols = prepare_matrix(w)
+    return cols if cols is w else TwoLayouts(cols, w)
 
 
 def prepare_matrix(w: torch.Tensor) -> torch.Tensor:

@@ -18,16 +18,22 @@ class SpeculativeConfig:
     model: the draft checkpoint (a Hugging Face directory or a .gguf file, or a LoadedModel on the engine's device
         in its dtype); method "draft" only.
     max_ngram / min_ngram: method "ngram": the longest and shortest suffix looked up (longest first).
-    adaptive: back off a sequence whose proposals are rejected at their first token: it skips proposing for 1,
-        2, 4, ... up to 16 steps (plain decode rows meanwhile), and proposes every step again once one is accepted.
+    adaptive: adapt each sequence's proposals to how often they are accepted (`speculator.Speculator`): the length
+        (the k-th token is proposed only while its estimated chance of acceptance, p^k, covers `row_cost`; at most
+        num_tokens, at least 1), and a back-off: a sequence whose proposal is rejected at its first token skips
+        proposing for 1, 2, 4, ... up to 16 steps (plain decode rows meanwhile), and proposes every step again once
+        one is accepted. False: num_tokens every step.
+    row_cost: what one more row costs a verify pass, as a fraction of a decode step (for the adaptive length);
+        default per device (`DEFAULT_ROW_COST`).
     """
 
     method: str
     num_tokens: int = 4
     model: str | None = None
     max_ngram: int = 4
-    min_ngram: int = 2
+    min_ngram: int = 1
     adaptive: bool = True
+    row_cost: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -39,6 +45,9 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative: {name} expected an int in {lo}..{hi}, got {v!r}")
         if self.min_ngram > self.max_ngram:
             raise ValueError(f"speculative: min_ngram ({self.min_ngram}) must be <= max_ngram ({self.max_ngram})")
+        if self.row_cost is not None and (isinstance(self.row_cost, bool) or not isinstance(self.row_cost, (int, float))
+                                          or not 0 < self.row_cost < 1):
+            raise ValueError(f"speculative: row_cost expected a number in (0, 1), got {self.row_cost!r}")
         if not isinstance(self.adaptive, bool):
             raise TypeError(f"speculative: adaptive expected a bool, got {type(self.adaptive).__name__}")
         if self.method == "draft":
@@ -62,7 +71,13 @@ class SpeculativeConfig:
         return f"{self.method} k={self.num_tokens} ({what})"
 
 
-_KEYS = ("method", "num_tokens", "model", "max_ngram", "min_ngram", "adaptive")
+_KEYS = ("method", "num_tokens", "model", "max_ngram", "min_ngram", "adaptive", "row_cost")
+
+# One more row of a verify pass, as a fraction of a decode step. CPU: measured with the default model (SmolLM2-135M,
+# fp32, torch backend, one thread, AMD EPYC): a pass of 1/2/4/5/9 rows took 41/46/56/68/112 ms, ~0.17 per extra
+# row (README, "Speculative decoding"). CUDA: not measured yet; a decode step of a small batch streams the weights
+# once whatever its rows, so an extra row is nearly free: 0.05 is a guess the GPU check's rows will confirm or move.
+DEFAULT_ROW_COST = {"cpu": 0.17, "cuda": 0.05}
 
 
 def parse_speculative(value: Any) -> SpeculativeConfig | None:

@@ -1,11 +1,26 @@
 """The engine's side of speculative decoding: who proposes how much each step, and what the verdicts mean."""
 from __future__ import annotations
 
+import math
+
 from ..sequence import Sequence
-from .config import SpeculativeConfig
+from .config import DEFAULT_ROW_COST, SpeculativeConfig
 from .stats import SpecDecodeStats, SpecState
 
 MAX_BACKOFF = 16  # most steps a sequence pauses proposing after a rejected proposal (adaptive)
+EMA_WEIGHT = 0.2  # weight of each verified token in a sequence's acceptance estimate (adaptive)
+
+
+def adaptive_length(p_accept: float, row_cost: float, num_tokens: int) -> int:
+    """Tokens to propose: the largest k <= num_tokens with p_accept**k >= row_cost (the k-th token is accepted
+    with chance p^k, if each is with chance p given the ones before: it earns its row while that chance covers what
+    the row costs, in tokens of a decode step), and at least 1 (a sequence whose proposals fail backs off instead).
+    """
+    if p_accept <= row_cost:
+        return 1
+    if p_accept >= 1.0:
+        return num_tokens
+    return max(1, min(num_tokens, int(math.log(row_cost) / math.log(p_accept))))
 
 
 class Speculator:
@@ -18,9 +33,10 @@ class Speculator:
     counts to the slots it gives (budget, free blocks); the proposals are made before scheduling (n-gram) or after
     it, in those slots (a draft model); the engine verifies them and calls `verified` with the outcome."""
 
-    def __init__(self, config: SpeculativeConfig, proposer):
+    def __init__(self, config: SpeculativeConfig, proposer, device_type: str = "cpu"):
         self.config = config
         self.proposer = proposer
+        self.row_cost = config.row_cost if config.row_cost is not None else DEFAULT_ROW_COST.get(device_type, 0.05)
         self.stats = SpecDecodeStats()  # the engine's totals
 
     @staticmethod
@@ -52,6 +68,8 @@ class Speculator:
             n = len(seq.token_ids)
             # Emitted tokens: the accepted proposals and one more; plain decoding stops at max_new_tokens or once the
             # context is full, so nothing past that is worth proposing.
+            if self.config.adaptive:
+                k = adaptive_length(st.p_accept, self.row_cost, self.config.num_tokens)
             limit = min(k, seq.params.max_new_tokens - seq.num_output_tokens - 1, max_model_len - 1 - n)
             if limit >= 1:
                 asking.append(seq)
@@ -89,6 +107,12 @@ class Speculator:
         st.stats.add(proposed, accepted)
         self.stats.add(proposed, accepted)
         if self.config.adaptive:
+            p = st.p_accept
+            for _ in range(accepted):
+                p += EMA_WEIGHT * (1.0 - p)
+            if accepted < proposed:
+                p -= EMA_WEIGHT * p
+            st.p_accept = p
             if accepted == 0:
                 st.backoff = min(max(1, 2 * st.backoff), MAX_BACKOFF)
                 st.skip = st.backoff

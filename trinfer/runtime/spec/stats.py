@@ -53,10 +53,13 @@ class SpecState:
 
     skip / backoff: adaptive proposing (SpeculativeConfig.adaptive): steps left without a proposal, and the
         length of the last such pause (doubled on each proposal rejected at its first token, reset by an accept).
+    p_accept: the estimated chance that a proposed token is accepted (given the ones before it were): an
+        exponential moving average over the verified tokens, starting at `PRIOR_ACCEPT`.
     proposer: the proposer's own per-sequence state (the n-gram index; the draft model's cache progress).
     """
 
     stats: SpecDecodeStats = field(default_factory=SpecDecodeStats)
     skip: int = 0
     backoff: int = 0
+    p_accept: float = 0.6
     proposer: Any = None
