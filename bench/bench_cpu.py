@@ -176,6 +176,31 @@ def cpu_info() -> dict[str, Any]:
     return info
 
 
+def bench_model(device: torch.device, shape: str | None, model: str | None, max_len: int):
+    """The model an engine benchmark runs: on a GPU, or when `shape` is given, random weights of `shape` (bf16 on a
+    GPU, fp32 on the CPU; context at least `max_len`) with the Triton backend on a GPU and the torch backend on the
+    CPU; otherwise the checkpoint `model` (default: the default model) in fp32 on the CPU with the torch backend.
+    Returns (LoadedModel, a name for reports, backend)."""
+    if device.type == "cuda" or shape is not None:
+        from trinfer.runtime.random_model import hf_config_dict, random_model
+
+        shape = shape or "Llama-3.2-1B"
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        raw = hf_config_dict(shape)
+        raw["max_position_embeddings"] = max(raw["max_position_embeddings"], max_len)
+        loaded = random_model(raw, device=device, dtype=dtype, seed=0)
+        return (loaded, f"random weights, shape {shape} ({str(dtype).removeprefix('torch.')})",
+                "triton" if device.type == "cuda" else "torch")
+    from trinfer.runtime.loader import load_model_files
+
+    if model is None:
+        from trinfer.runtime.default_model import default_model_path
+
+        model = default_model_path()
+    loaded = load_model_files(model, device="cpu", dtype=torch.float32, progress=False)
+    return loaded, f"{os.path.basename(str(model))} (fp32)", "torch"
+
+
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

@@ -34,7 +34,6 @@ itl     4 streams (short chat questions) decode; after `--lead` (8) tokens each,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ if __package__ in (None, ""):
 import torch
 
 from bench import harness as H
-from bench.bench_cpu import TEXT_300, _load, _median, _range, cpu_info
+from bench.bench_cpu import TEXT_300, _load, _median, _range, bench_model, cpu_info
 
 CPU_OUT = H.REPO_ROOT / "bench" / "results" / "cpu"
 STREAM_QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "How many days are in a week?",
@@ -63,25 +62,7 @@ class Setup:
         self.device = resolve_device(args.device)
         self.on_gpu = self.device.type == "cuda"
         self.max_len = max(args.prefix_tokens + 128, args.long_tokens + 128)
-        if self.on_gpu or args.shape is not None:
-            from trinfer.runtime.random_model import hf_config_dict, random_model
-
-            shape = args.shape or "Llama-3.2-1B"
-            dtype = torch.bfloat16 if self.on_gpu else torch.float32
-            raw = hf_config_dict(shape)
-            raw["max_position_embeddings"] = max(raw["max_position_embeddings"], self.max_len)
-            self.loaded = random_model(raw, device=self.device, dtype=dtype, seed=0)
-            self.model_name = f"random weights, shape {shape} ({str(dtype).removeprefix('torch.')})"
-            self.backend = "triton" if self.on_gpu else "torch"
-        else:
-            from trinfer.runtime.loader import load_model_files
-
-            if args.model is None:
-                from trinfer.runtime.default_model import default_model_path
-
-                args.model = default_model_path()
-            self.loaded = load_model_files(args.model, device="cpu", dtype=torch.float32, progress=False)
-            self.model_name, self.backend = f"{os.path.basename(str(args.model))} (fp32)", "torch"
+        self.loaded, self.model_name, self.backend = bench_model(self.device, args.shape, args.model, self.max_len)
         self.tok = self.loaded.tokenizer
         self.vocab = self.loaded.config.vocab_size
 

@@ -12,6 +12,8 @@ Modules, in the order a request meets them (nano-vllm's layout):
     memory_plan, engine, llm                   what fits in memory; add_request / step / abort; the batch API
     distributed, tp_worker                     tensor parallelism: shards, process groups, collectives; the
                                                per-step messages rank 0 sends and the other ranks follow
+    spec/                                      speculative decoding: proposers (n-gram, draft model), acceptance,
+                                               adaptation, statistics
 """
 from .chat_template import ChatTemplateError, TemplateLimits
 from .distributed import TensorParallelError

@@ -23,7 +23,8 @@ class LLM:
     CUDA they are captured and replayed by default). `tensor_parallel_size=N` shards the model over N processes
     (GPUs); `close()` or a `with` block stops them. Prompts sharing leading tokens with earlier ones reuse their
     KV cache across `generate` calls (`enable_prefix_caching=False` turns that off; `out.num_cached_tokens` per
-    request).
+    request). `speculative={"method": "ngram", "num_tokens": 4}` (or `{"method": "draft", "model": PATH}`) checks
+    several proposed tokens per step with one pass of the model, for the same tokens (`out.spec_stats`).
     """
 
     def __init__(self, model=None, *, dtype=None, backend: str | None = None, device=None, max_num_seqs: int = 32,
