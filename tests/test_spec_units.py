@@ -4,6 +4,7 @@ and the block manager's rollback."""
 import random
 
 import pytest
+import torch
 
 from trinfer.cli import main
 from trinfer.runtime import Engine, SamplingParams
@@ -265,3 +266,40 @@ def test_speculator_adapts_length_and_backs_off():
     fixed.verified(s, 5, 0)
     fixed.before_schedule([s], 1000)
     assert s.num_spec_tokens == 5  # no back-off, no length adaptation
+
+
+def test_serve_and_profile_take_the_speculative_flags():
+    from trinfer.cli import _engine_kwargs, build_parser, speculative_option
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--speculative", "ngram", "--speculative-tokens", "3"])
+    assert _engine_kwargs(args)["speculative"] == {"method": "ngram", "num_tokens": 3}
+    args = parser.parse_args(["profile", "--speculative", "draft", "--draft-model", "/d"])
+    assert speculative_option(args) == {"method": "draft", "model": "/d"}
+    assert _engine_kwargs(parser.parse_args(["generate", "x"]))["speculative"] is None
+
+
+def test_verify_rows_in_the_decode_buffers():
+    """A verify pass's rows, worked by hand (block size 4): A has 6 tokens (blocks [3, 7]) and proposes 2, B has 3
+    (block [5]) and proposes none. Rows: A's newest token and its proposals at positions 5, 6, 7 (lengths 6, 7, 8;
+    block 7 holds positions 4-7), then B's newest at position 2. Then A is rolled back to its first block and grows
+    into block 9 at the same table index: the next fill must send block 9 (a mirror keyed on the table's length
+    alone would keep block 7)."""
+    from trinfer.runtime.attention_metadata import DecodeBuffers
+
+    a, b = _seq([1, 2, 3, 4, 5, 6], 0), _seq([7, 8, 9], 1)
+    a.block_table, b.block_table = [3, 7], [5]
+    buf = DecodeBuffers(8, 4, torch.device("cpu"))
+    ids, meta = buf.fill([a, b], 4, spec=[[40, 41], []])
+    assert ids.tolist() == [6, 40, 41, 9]
+    assert meta.positions.tolist() == [5, 6, 7, 2] and meta.seq_lens.tolist() == [6, 7, 8, 3]
+    assert meta.slot_mapping.tolist() == [7 * 4 + 1, 7 * 4 + 2, 7 * 4 + 3, 5 * 4 + 2]
+    assert [meta.block_tables[r, :2].tolist() for r in range(3)] == [[3, 7]] * 3 and meta.block_tables[3, 0] == 5
+    assert meta.seq_starts == [0, 3, 4] and meta.max_seq_len == 8
+    a.block_table = a.block_table[:1]  # as BlockManager.trim does it: a new list
+    a.block_table.append(9)
+    ids, meta = buf.fill([a, b], 4, spec=[[50], []])
+    assert meta.positions.tolist() == [5, 6, 2] and meta.slot_mapping.tolist() == [9 * 4 + 1, 9 * 4 + 2, 5 * 4 + 2]
+    assert [meta.block_tables[r, :2].tolist() for r in range(2)] == [[3, 9]] * 2 and meta.seq_starts == [0, 2, 3]
+    with pytest.raises(ValueError, match="ids_on_device=False"):
+        buf.fill([a, b], 4, spec=[[1], []], ids_on_device=True)

@@ -1,10 +1,12 @@
 """The engine: requests in, greedily decoded tokens and text out, one `step()` at a time.
 
 A step is schedule -> run -> postprocess:
-    schedule     the scheduler fills the step's token budget: every running stream's next token (decode), then
-                 chunks of prompts part-way through, then new prompts from their longest cached prefix
-    run          the model runner runs the chunks (one prefill pass) and the decode batch (one decode pass); each
-                 sequence whose run reached its last token gets one token
+    schedule     the scheduler fills the step's token budget: every running stream's next token (decode; with
+                 speculative decoding, and the tokens proposed after it), then chunks of prompts part-way through,
+                 then new prompts from their longest cached prefix
+    run          the model runner runs the chunks (one prefill pass) and the decode batch (one decode pass, or one
+                 verify pass when tokens were proposed); each sequence whose run reached its last token gets one
+                 token (a verify pass: its accepted proposals and one more)
     postprocess  publish the blocks whose K/V is now written (prefix cache), append tokens, detokenize
                  incrementally, check the stops, release finished sequences' blocks
 
@@ -646,7 +648,12 @@ class Engine:
         length or context limit, no preemption possible. Otherwise the pending step is read first (a drain).
         When the read step ends a sequence (EOS or a stop string), the step launched over it is dropped and
         run again without it: the KV it wrote lies in that sequence's own blocks or is rewritten, so outputs
-        are exactly those of the synchronous loop."""
+        are exactly those of the synchronous loop.
+
+        Speculative decoding: before scheduling, the decoding sequences ask for proposed tokens (the scheduler gives
+        them slots); a step in which any has a proposal runs its decode sequences as one verify pass, read at once
+        (`_verify`). A proposal needs the previous step's tokens on the host, so the pipeline continues only through
+        steps in which every running sequence is pausing its proposals (adaptive back-off)."""
         outputs, self._ready = self._ready, []
         pending, self._pending = self._pending, None
         if pending is not None and not self._can_continue(pending):

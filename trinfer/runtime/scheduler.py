@@ -166,7 +166,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        seq.num_spec_tokens = 0
+        seq.num_spec_tokens, seq.spec_token_ids = 0, []  # it does not decode this step
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -183,5 +183,5 @@ class Scheduler:
             except ValueError:
                 pass
         self.block_manager.free(seq)
-        seq.num_spec_tokens = 0
+        seq.num_spec_tokens, seq.spec_token_ids = 0, []
         seq.status = SequenceStatus.FINISHED
