@@ -104,3 +104,16 @@ def test_hf_twin_agrees_with_engine(shape):
     eng.add_request(prompt[0].tolist(), SamplingParams(max_new_tokens=8, ignore_eos=True))
     out = [o for o in eng.run_until_done()][-1]
     assert out.token_ids == ref.tolist()
+
+
+def test_profile_shows_verify_steps(tmp_path, capsys):
+    """`--speculative ngram`: the prompts repeat a block, so the first decode step has proposals to verify; the
+    report counts verify passes among the decode steps and the tokens per step."""
+    rc = cli.main(["profile", "--shape", "tiny", "--batch", "1", "--context", "32", "--steps", "4", "--warmup-steps",
+                   "1", "--device", "cpu", "--out", str(tmp_path), "--speculative", "ngram"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "profile.json").read_text())
+    sp = summary["speculative"]
+    assert sp["config"] == "ngram k=4" and summary["verify_steps"] >= 1 and sp["profiled"]["proposed"] >= 1
+    assert "decode steps were verify passes" in out and "tokens per step" in out

@@ -109,12 +109,13 @@ def _engine(args):
 
 
 def _prompts(engine, batch: int, length: int, seed: int = 0) -> list[list[int]]:
-    """Random token ids; with speculative decoding, a random block of 64 repeated (something to look up)."""
+    """Random token ids; with speculative decoding, a random block of up to 64 tokens repeated at least 4 times
+    (something for an n-gram lookup to find)."""
     g = torch.Generator().manual_seed(seed)
     vocab = engine.config.vocab_size
     if engine.speculator is None:
         return torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g).tolist()
-    block = torch.randint(min(3, vocab - 1), vocab, (batch, min(64, length)), generator=g).tolist()
+    block = torch.randint(min(3, vocab - 1), vocab, (batch, max(1, min(64, length // 4))), generator=g).tolist()
     return [(b * (length // len(b) + 1))[:length] for b in block]
 
 
