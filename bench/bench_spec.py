@@ -22,8 +22,8 @@ run gave plain's tokens; per kind, the geometric mean and the minimum of the rat
 bench/results/cpu/ (CPU) or `--out`.
 
     python -m bench.bench_spec [--reps 3] [--threads 1] [--configs ngram:4,ngram:8,oracle:4] [--new-tokens 160]
-    python -m bench.bench_spec --quick                                  # 1 rep, 48 tokens, ngram:4 only
-    python -m bench.bench_spec --device cuda --quick --out DIR          # 1B and 8B shapes, well under a minute
+    python -m bench.bench_spec --quick                  # 1 rep, 48 tokens, 2 prompts, ngram:4 -> bench/results/tmp/
+    python -m bench.bench_spec --device cuda --quick --out DIR   # 1B and 8B shapes, 2 prompts: spec.{json,md} in DIR
 """
 from __future__ import annotations
 
@@ -148,14 +148,24 @@ class Setup:
         self.loaded, self.model_name, self.backend = bench_model(self.device, shape, args.model, self.max_len)
         self.tok = self.loaded.tokenizer
 
-    def engine(self, cfg: Config):
+    def engines(self, configs: list[Config]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """An engine per configuration, and the speculator each runs with. An oracle shares the engine of an n-gram
+        configuration with the same k when there is one (the same buffers and graphs; one capture less), its
+        speculator swapped in for its runs."""
         from trinfer.runtime import Engine
+        from trinfer.runtime.spec import SpeculativeConfig, Speculator
 
-        eng = Engine(self.loaded, device=self.device, backend=self.backend, max_num_seqs=1,
-                     max_model_len=self.max_len, enable_prefix_caching=False, speculative=cfg.speculative())
-        if cfg.method == "oracle":
-            eng.speculator.proposer = OracleProposer()
-        return eng
+        engines: dict[str, Any] = {}
+        for c in sorted(configs, key=lambda c: c.method == "oracle"):
+            twin = next((d.name for d in configs if c.method == "oracle" and d.method == "ngram" and d.k == c.k
+                         and d.name in engines), None)
+            engines[c.name] = engines[twin] if twin is not None else Engine(
+                self.loaded, device=self.device, backend=self.backend, max_num_seqs=1, max_model_len=self.max_len,
+                enable_prefix_caching=False, speculative=c.speculative())
+        speculators = {c.name: (Speculator(SpeculativeConfig("ngram", num_tokens=c.k, adaptive=False),
+                                           OracleProposer(), self.device.type)
+                                if c.method == "oracle" else engines[c.name].speculator) for c in configs}
+        return engines, speculators
 
     def prompts(self, quick: bool) -> list[tuple[str, str, list[int]]]:
         if self.tok is not None:
@@ -166,9 +176,10 @@ class Setup:
                     for name, kind, text in chosen]
         vocab = self.loaded.config.vocab_size
         g = torch.Generator().manual_seed(0)
-        blocks = [torch.randint(3, vocab, (64,), generator=g).tolist() for _ in range(3)]
-        return [("repeat-64x4", "grounded", blocks[0] * 4), ("repeat-64x4b", "grounded", blocks[1] * 4),
-                ("random-256", "chat", (blocks[2] * 4)[:64] + torch.randint(3, vocab, (192,), generator=g).tolist())]
+        blocks = [torch.randint(3, vocab, (64,), generator=g).tolist() for _ in range(2)]
+        prompts = [("repeat-64x4", "grounded", blocks[0] * 4), ("repeat-64x4b", "grounded", blocks[1] * 4),
+                   ("random-256", "chat", torch.randint(3, vocab, (256,), generator=g).tolist())]
+        return prompts if not quick else [prompts[0], prompts[2]]
 
 
 def run_once(eng, prompt: list[int], new: int) -> dict[str, Any]:
@@ -186,12 +197,11 @@ def run_once(eng, prompt: list[int], new: int) -> dict[str, Any]:
 
 
 def measure(setup: Setup, configs: list[Config], args) -> list[dict[str, Any]]:
-    engines = {c.name: setup.engine(c) for c in configs}
+    engines, speculators = setup.engines(configs)
     prompts = setup.prompts(args.quick)
     warm = prompts[0][2]
     for c in configs:  # JIT, allocator, first-call costs
-        if c.method == "oracle":
-            engines[c.name].speculator.proposer.reference = []
+        engines[c.name].speculator = speculators[c.name]
         run_once(engines[c.name], warm, 8)
     rows = []
     for name, kind, ids in prompts:
@@ -200,6 +210,7 @@ def measure(setup: Setup, configs: list[Config], args) -> list[dict[str, Any]]:
             order = configs[rep % len(configs):] + configs[: rep % len(configs)]
             for c in order:
                 eng = engines[c.name]
+                eng.speculator = speculators[c.name]
                 if c.method == "oracle":
                     eng.speculator.proposer.reference = ids + runs["plain"][0]["tokens"]
                 runs[c.name].append(run_once(eng, ids, args.new_tokens))
@@ -305,7 +316,7 @@ def main(argv=None) -> dict[str, Any]:
     if args.out is None:
         if on_gpu:
             p.error("--out is required on a GPU")
-        args.out = CPU_OUT
+        args.out = CPU_OUT if not args.quick else H.REPO_ROOT / "bench" / "results" / "tmp"  # (git-ignored)
     shapes = ([s.strip() for s in args.shapes.split(",")] if args.shapes else
               ["Llama-3.2-1B", "Llama-3-8B"] if on_gpu else [None])
     mode = "gpu" if on_gpu else "cpu"
@@ -319,7 +330,7 @@ def main(argv=None) -> dict[str, Any]:
                             "new_tokens": args.new_tokens, "configs": [c.name for c in configs],
                             "load_before": _load(), "rows": [], "summary": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "spec" if not args.quick else "spec_quick"
+    stem = "spec"
     try:
         for shape in shapes:
             t0 = time.perf_counter()

@@ -9,13 +9,14 @@ batch_invariant=True: tokens and log-probabilities bit for bit. GPU (@cuda): ver
 graphs. Two CPU ranks (gloo): n-gram speculation with tensor parallelism.
 """
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from checkpoints import make_hf_checkpoint
+from checkpoints import assert_varied, load_hf_model, make_hf_checkpoint
 from smol import one_torch_thread  # noqa: F401  (autouse fixture)
-from test_model_parity import FAMILIES
+from test_model_parity import FAMILIES, hf_greedy, no_eos
 from tolerances import assert_close
 from trinfer.cli import main
 from trinfer.runtime import LLM, Engine
@@ -36,8 +37,8 @@ def perturbed(loaded, scale, seed=0):
     """The model with Gaussian noise of `scale` x each matrix's std added: a draft that agrees with the target on
     most tokens, not all (the same tokenizer, the same shapes)."""
     g = torch.Generator().manual_seed(seed)
-    weights = {k: (w + scale * w.std() * torch.randn(w.shape, generator=g) if w.dim() == 2 else w)
-               for k, w in loaded.weights.items()}
+    weights = {k: (w + scale * w.std() * torch.randn(w.shape, generator=g).to(w.device, w.dtype) if w.dim() == 2
+                   else w) for k, w in loaded.weights.items()}
     return dataclasses.replace(loaded, weights=weights)
 
 
@@ -81,8 +82,11 @@ def tokens(outs):
 
 @pytest.fixture(scope="module")
 def plain(llama):
-    """Each prompt decoded alone, without speculation: the reference."""
-    return [generate(engine(llama[1]), [p], [n])[0] for p, n in zip(PROMPTS, NEW)]
+    """Each prompt decoded alone, without speculation: the reference (checked varied: a degenerate model would let
+    any two engines agree)."""
+    outs = [generate(engine(llama[1]), [p], [n])[0] for p, n in zip(PROMPTS, NEW)]
+    assert_varied(PROMPTS, tokens(outs))
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,16 +96,16 @@ def plain(llama):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_family_both_proposers_give_plain_tokens(name, tmp_path):
     """Each family (biases, rope scaling, GQA, q/k norm, tied heads): n-gram and a perturbed-copy draft give the
-    tokens of plain decoding, log-probabilities within fp32 rounding; both proposers had accepted and rejected
-    proposals, and the outputs are no degenerate repetition."""
+    tokens of plain decoding, which are transformers' (the independent oracle), log-probabilities within fp32
+    rounding; both proposers had accepted and rejected proposals; the outputs are varied (`assert_varied`)."""
     kw = dict(FAMILIES[name])
-    if kw.get("tie_word_embeddings"):  # a tied embedding of std 1 only repeats the input (checkpoints.py)
-        kw.update(embed_std=0.0625, num_hidden_layers=2)
-    loaded = load(make_hf_checkpoint(str(tmp_path), kw.pop("family"), seed=3, **kw))
+    path = make_hf_checkpoint(str(tmp_path), kw.pop("family"), seed=3, **kw)
+    loaded = load(path)
     prompts, new = PROMPTS[:4], NEW[:4]
     ref = generate(engine(loaded, max_num_seqs=4), prompts, new)
-    outputs = [o.token_ids for o in ref]  # not a degenerate model: varied tokens, no output one token repeated
-    assert len(set(sum(outputs, []))) >= 20 and all(len(set(t)) >= 3 for t in outputs), outputs
+    assert_varied(prompts, tokens(ref))
+    hf = no_eos(load_hf_model(path))  # the independent oracle: transformers' greedy decoding
+    assert tokens(ref) == [hf_greedy(hf, p, n)[0] for p, n in zip(prompts, new)]
     for spec in (NGRAM, {"method": "draft", "model": perturbed(loaded, 0.2), "num_tokens": 3}):
         eng = engine(loaded, max_num_seqs=4, speculative=spec)
         outs = generate(eng, prompts, new)
@@ -110,6 +114,7 @@ def test_every_family_both_proposers_give_plain_tokens(name, tmp_path):
             assert_close(torch.tensor(o.logprobs), torch.tensor(r.logprobs), torch.float32, scale=10)
         st = eng.spec_stats
         assert 0 < st.num_accepted < st.num_proposed, (spec["method"], st)
+        assert st.num_verify_steps < sum(len(o.token_ids) for o in outs)  # some steps emitted several tokens
 
 
 @pytest.mark.parametrize("k", range(1, 9))
@@ -354,3 +359,30 @@ def test_ngram_with_tensor_parallelism(llama, plain):
         outs = generate(llm.engine)
         assert tokens(outs) == tokens(plain)
         assert llm.engine.decode_stats["verify"] > 0 and llm.engine.tp.failed is None
+
+
+def test_serve_streams_what_plain_decoding_gives(llama):
+    """`trinfer serve` over a speculating engine (the target as its own draft: runs of 5 tokens per step): a
+    streamed completion's text is plain decoding's, one log-probability per token (plain decoding's), with fewer
+    chunks than tokens (several tokens per delta)."""
+    for module in ("starlette", "uvicorn", "httpx"):
+        pytest.importorskip(module)
+    import httpx
+
+    from trinfer.server import ServerConfig, ServerThread, build_app
+
+    loaded = llama[1]
+    prompt = "The capital of France is Paris, the capital of Japan is Tokyo, and the capital of Italy is"
+    want = LLM(loaded, backend="torch", block_size=4).generate(prompt, max_new_tokens=24)[0]
+    assert len(want.token_ids) >= 8
+    eng = engine(loaded, speculative={"method": "draft", "model": loaded, "num_tokens": 4})
+    with ServerThread(build_app(eng, ServerConfig(model_name="m", shutdown_grace=0))) as s, \
+            httpx.Client(base_url=s.url, timeout=120) as http:
+        r = http.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 24, "stream": True,
+                                               "logprobs": 1})
+        events = [json.loads(b[len("data: "):]) for b in r.text.split("\n\n") if b.startswith("data: {")]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert text == want.text and eng.spec_stats.num_accepted > 0
+    lps = [lp for e in events if e["choices"][0]["logprobs"] for lp in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert_close(torch.tensor(lps), torch.tensor(want.logprobs), torch.float32, scale=10)
+    assert len([e for e in events if e["choices"][0]["text"]]) < len(want.token_ids)

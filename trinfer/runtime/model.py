@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -60,8 +60,9 @@ class Backend:
     build_rope_cache: Callable
     cuda_families: tuple[str, ...] = ()  # the families run by trinfer.cuda_kernels (the rest: name's kernels)
     check_head_dim: Callable[[int], None] = lambda head_dim: None  # ValueError if the kernels cannot run it
-    # A weight matrix in the layout this backend's matrix products run fastest (same values and shape).
-    prepare_matrix: Callable[[torch.Tensor], torch.Tensor] = lambda w: w
+    # A weight matrix in the layout this backend's matrix products run fastest (same values and shape), or in two
+    # layouts (`torch_backend.TwoLayouts`), which only this backend's `linear` takes.
+    prepare_matrix: Callable[[torch.Tensor], Any] = lambda w: w
     # Matrix products `linear(x, weight, bias=None, *, decode=False)` and embedding rows `embedding(ids, table,
     # dtype)`, for dense and quantized weights (quantization.py); `batch_invariant`: dense decode products on
     # the batch-invariant kernel too.

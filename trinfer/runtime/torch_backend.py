@@ -28,6 +28,11 @@ so the `torch` backend runs these instead where they apply:
         (out < in) 0.8x, so it stays row-major. Two rows: 1.7x faster; 4-8 rows: 5-10% slower;
         prefill-sized products are the same. Other dtypes (fp16 on the CPU is 10x slower column-major),
         devices and BLAS libraries keep the row-major layout.
+    prepare_matrix_two_layouts, linear (speculative decoding)
+        a verify pass multiplies a few rows (2-5 for k = 1-4) by each matrix, which MKL does slowly from the
+        column-major layout (a 5-row product of the LM head: 4.5x the 1-row one) and 1.4-2.6x faster as `W @ x^T`
+        from the row-major one (2 rows: about the cost of 1). With speculation on, the matrices stored
+        column-major are kept in both layouts (`TwoLayouts`, twice their memory) and `linear` picks by rows.
 
 The LM head's argmax is the reference. Every function takes the kernels' signature and ignores their
 launch/validation keywords.
