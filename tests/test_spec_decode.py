@@ -140,6 +140,18 @@ def test_draft_any_k_staggered_preempted(llama, plain, k):
     assert tokens(outs) == tokens(plain)
 
 
+def test_self_draft_cache_stays_valid_through_preemption_and_rollback(llama, plain):
+    """The target as its own draft must have every proposal accepted: the draft's cache (on the target's blocks)
+    holds the right K/V through staggered arrivals, preemption and recompute, rolled-back rows, cut proposals and
+    a small token budget; a stale or misplaced draft K/V would show as a rejection."""
+    eng = engine(llama[1], num_kv_blocks=18, max_num_batched_tokens=12,
+                 speculative={"method": "draft", "model": llama[1], "num_tokens": 5})
+    outs = generate(eng, arrivals=(0, 0, 1, 3, 3, 6))
+    assert tokens(outs) == tokens(plain) and eng.num_preemptions > 0
+    st = eng.spec_stats
+    assert st.num_accepted == st.num_proposed > 0
+
+
 def test_draft_from_a_path_and_the_prefix_cache(llama, plain):
     """The draft as a checkpoint path (the target's own: every proposal accepted); the same prompts twice reuse
     the cached blocks, which hold the draft's K/V too: the second round's proposals are as good."""
