@@ -403,17 +403,7 @@ class Engine:
                                   rows_per_seq=rows_per_seq)
         self.speculator: Speculator | None = None
         if spec_config is not None:
-            from .spec.draft import DraftProposer
-            from .spec.ngram import NgramProposer
-
-            if draft is None:
-                proposer = NgramProposer(spec_config.max_ngram, spec_config.min_ngram)
-            else:
-                proposer = DraftProposer(ModelRunner(
-                    draft.config, draft.weights, backend_ops, device=self.device, dtype=self.dtype,
-                    num_blocks=num_blocks, block_size=block_size, max_num_seqs=plan.runner_seqs,
-                    max_model_len=plan.served_len, debug=debug, cuda_graphs=self.cuda_graphs))
-            self.speculator = Speculator(spec_config, proposer, self.device.type)
+            self.speculator = self._speculator(spec_config, draft, backend_ops, num_blocks, plan, debug)
         self.async_decode = bool(async_decode)
         # The cache holds K/V of this model in this dtype: blocks of another engine never match (separate pools).
         block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
@@ -436,6 +426,21 @@ class Engine:
             tp_worker.follow(self.runner)
             self.close()
             raise SystemExit(0)
+
+    def _speculator(self, config, draft, backend_ops, num_blocks: int, plan, debug: bool) -> Speculator:
+        """The engine's speculator: n-gram proposals, or a draft model's, whose runner has a KV cache of as many
+        blocks as the target's (addressed by the same block tables) and its own decode buffers and graphs."""
+        from .spec.draft import DraftProposer
+        from .spec.ngram import NgramProposer
+
+        if draft is None:
+            proposer = NgramProposer(config.max_ngram, config.min_ngram)
+        else:
+            proposer = DraftProposer(ModelRunner(
+                draft.config, draft.weights, backend_ops, device=self.device, dtype=self.dtype, num_blocks=num_blocks,
+                block_size=self.block_size, max_num_seqs=plan.runner_seqs, max_model_len=plan.served_len, debug=debug,
+                cuda_graphs=self.cuda_graphs))
+        return Speculator(config, proposer, self.device.type)
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks and release the process groups (idempotent; also at exit and on
