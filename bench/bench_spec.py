@@ -24,6 +24,7 @@ bench/results/cpu/ (CPU) or `--out`.
     python -m bench.bench_spec [--reps 3] [--threads 1] [--configs ngram:4,ngram:8,oracle:4] [--new-tokens 160]
     python -m bench.bench_spec --quick                  # 1 rep, 48 tokens, 2 prompts, ngram:4 -> bench/results/tmp/
     python -m bench.bench_spec --device cuda --quick --out DIR   # 1B and 8B shapes, 2 prompts: spec.{json,md} in DIR
+    python -m bench.bench_spec --device cuda --batch-invariant --out DIR      # verify rows bitwise decode steps
 """
 from __future__ import annotations
 
@@ -146,6 +147,7 @@ class Setup:
         self.on_gpu = self.device.type == "cuda"
         self.max_len = 1024 if args.quick else 2048
         self.loaded, self.model_name, self.backend = bench_model(self.device, shape, args.model, self.max_len)
+        self.batch_invariant = args.batch_invariant
         self.tok = self.loaded.tokenizer
 
     def engines(self, configs: list[Config]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -161,7 +163,7 @@ class Setup:
                          and d.name in engines), None)
             engines[c.name] = engines[twin] if twin is not None else Engine(
                 self.loaded, device=self.device, backend=self.backend, max_num_seqs=1, max_model_len=self.max_len,
-                enable_prefix_caching=False, speculative=c.speculative())
+                enable_prefix_caching=False, speculative=c.speculative(), batch_invariant=self.batch_invariant)
         speculators = {c.name: (Speculator(SpeculativeConfig("ngram", num_tokens=c.k, adaptive=False),
                                            OracleProposer(), self.device.type)
                                 if c.method == "oracle" else engines[c.name].speculator) for c in configs}
@@ -259,6 +261,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [f"# {data['title']}", "",
              f"> **{data['mode'].upper()} measurement** on {where}; torch {env['torch']}, {env.get('date')}, commit "
              f"{env.get('git_commit')}; backend {data['backend']}"
+             + (" with batch_invariant=True" if data.get("batch_invariant") else "")
              + (f", {data['threads']} torch thread(s)" if data.get("threads") else "")
              + f"; load average before/after {data['load_before']} / {data.get('load_after')}.", "",
              f"{data['reps']} interleaved repetition(s) per prompt and configuration, at most {data['new_tokens']} "
@@ -300,6 +303,9 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1, help="CPU: torch intra-op threads (default 1)")
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--quick", action="store_true", help="1 repetition, 48 new tokens, fewer prompts and configs")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="GPU: every engine decodes with batch_invariant=True (verify rows then bitwise a decode "
+                        "step's; without it, bf16 cuBLAS products may part from plain decoding at near-ties)")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/cpu on the CPU, else required")
     args = p.parse_args(argv)
     from trinfer.runtime.engine import resolve_device
@@ -327,6 +333,7 @@ def main(argv=None) -> dict[str, Any]:
     data: dict[str, Any] = {"schema": "trinfer-bench-spec/1", "title": f"Speculative decoding ({mode.upper()})",
                             "mode": mode, "env": env, "backend": "triton" if on_gpu else "torch",
                             "threads": None if on_gpu else args.threads, "reps": args.reps,
+                            "batch_invariant": args.batch_invariant,
                             "new_tokens": args.new_tokens, "configs": [c.name for c in configs],
                             "load_before": _load(), "rows": [], "summary": []}
     args.out.mkdir(parents=True, exist_ok=True)
