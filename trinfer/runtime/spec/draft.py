@@ -106,15 +106,14 @@ class DraftProposer:
         """Positions below which the draft's K/V of `seq` is valid (settling the last round's proposals against the
         tokens the target confirmed)."""
         p = self._progress(seq)
-        if p.written:
+        if p.written:  # written at base, base + 1, ... (end == base): valid as far as they are the sequence's tokens
             tokens, matched = seq.token_ids, 0
             for i, t in enumerate(p.written):
                 j = p.base + i
                 if j >= len(tokens) or tokens[j] != t:
                     break
                 matched += 1
-            p.end = max(p.end, p.base + matched) if matched else p.end
-            p.written = []
+            p.end, p.written = p.base + matched, []
         return p.end
 
     def kv_limit(self, seq: Sequence) -> int:
