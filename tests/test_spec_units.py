@@ -149,33 +149,26 @@ def test_scheduler_gives_proposals_slots_within_blocks_and_budget():
        then none is free and B's newest token already has its slot: B runs without a proposal. Nobody is
        preempted for a proposal.
     3. A budget of 4 tokens for 2 decoding sequences: 2 spare for proposals, handed out oldest first."""
-    bm = BlockManager(6, 4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
-    a, b = _decoding(bm, 0, 8, 7), _decoding(bm, 1, 5, 4)
-    sched.running = [a, b]
-    a.num_spec_tokens, b.num_spec_tokens = 6, 2
-    step = sched.schedule()
-    # A: positions 7..13 (7 tokens) -> 4 blocks; B: positions 4..6 -> 2 blocks. 6 blocks: exactly the pool.
+    def scheduled(num_blocks, budget, *specs):
+        """Decoding sequences (tokens, computed, proposals asked) on a fresh pool, scheduled once."""
+        bm = BlockManager(num_blocks, 4)
+        sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=budget)
+        seqs = [_decoding(bm, i, n, c) for i, (n, c, _) in enumerate(specs)]
+        for seq, (_, _, asked) in zip(seqs, specs):
+            seq.num_spec_tokens = asked
+        sched.running = list(seqs)
+        return sched.schedule(), bm, sched, seqs
+
+    # 1. A: positions 7..13 (7 tokens) -> 4 blocks; B: positions 4..6 -> 2 blocks. 6 blocks: exactly the pool.
+    step, bm, _, (a, b) = scheduled(6, 64, (8, 7, 6), (5, 4, 2))
     assert step.decode == [a, b] and (a.num_spec_tokens, b.num_spec_tokens) == (6, 2) and step.num_tokens == 10
     assert len(a.block_table) == 4 and len(b.block_table) == 2 and bm.num_free_blocks == 0
-
-    # Blocks short: A takes the free ones (1) for 1 + 4 tokens; B's newest token has its slot, its proposal none.
-    bm = BlockManager(4, 4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
-    a, b = _decoding(bm, 0, 8, 7), _decoding(bm, 1, 4, 3)
-    sched.running = [a, b]
-    a.num_spec_tokens, b.num_spec_tokens = 6, 3
-    step = sched.schedule()
+    # 2. Blocks short: A takes the free one for 1 + 4 tokens; B's newest token has its slot, its proposal none.
+    step, bm, sched, (a, b) = scheduled(4, 64, (8, 7, 6), (4, 3, 3))
     assert step.decode == [a, b] and (a.num_spec_tokens, b.num_spec_tokens) == (4, 0)
     assert sched.num_preemptions == 0 and bm.num_free_blocks == 0
-
-    # Budget 4 for 2 decoding sequences: 2 spare tokens, oldest first.
-    bm = BlockManager(16, 4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=4)
-    a, b = _decoding(bm, 0, 8, 7), _decoding(bm, 1, 5, 4)
-    sched.running = [a, b]
-    a.num_spec_tokens, b.num_spec_tokens = 1, 5
-    step = sched.schedule()
+    # 3. Budget 4 for 2 decoding sequences: 2 spare tokens, oldest first.
+    step, _, _, (a, b) = scheduled(16, 4, (8, 7, 1), (5, 4, 5))
     assert (a.num_spec_tokens, b.num_spec_tokens) == (1, 1) and step.num_tokens == 4
 
 
