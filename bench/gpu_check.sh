@@ -20,17 +20,17 @@
 #   sanitize     50 T_SANITIZE     compute-sanitizer: memcheck over every kernel case, racecheck + synccheck over
 #                                  csrc/ (bench/gpu_sanitize.sh), in the background beside tests; "unavailable",
 #                                  not a failure, where the tool does not work
-#   tests        75 T_TESTS        the rest, the GPU tests of the engine and the new features first (CUDA graphs,
+#   tests        70 T_TESTS        the rest, the GPU tests of the engine and the new features first (CUDA graphs,
 #                                  engine vs transformers, one-GPU NCCL under graphs, quantized linear, prefix
 #                                  caching, Qwen3), pytest-xdist workers, per-test timeout; CPU-only checks left out
 #   pack          8 T_PACK         the cache archive (Triton cache + CUDA C++ build + Inductor cache, <= 15 MiB)
-#   kernels      30 T_KERNELS      kernel benchmarks (python -m bench.run_all --quick; linear: a short row set)
-#   e2e          50 T_E2E          end-to-end: Llama-3.2-1B, Llama-3-8B, Qwen3-8B, trinfer vs transformers eager;
+#   kernels      25 T_KERNELS      kernel benchmarks (python -m bench.run_all --quick; linear: a short row set)
+#   e2e          45 T_E2E          end-to-end: Llama-3.2-1B, Llama-3-8B, Qwen3-8B, trinfer vs transformers eager;
 #                                  then trinfer with int4 weights (Llama-3.2-1B)
-#   prefix_chunk 35 T_PREFIX_CHUNK chunked prefill (ITL of 4 streams while an 8K prompt arrives, per
+#   prefix_chunk 30 T_PREFIX_CHUNK chunked prefill (ITL of 4 streams while an 8K prompt arrives, per
 #                                  max_num_batched_tokens: none, 2048, 512, 128: is the CUDA default 512 right?),
 #                                  then prefix caching (TTFT with a cached 2K prefix), Llama-3.2-1B
-#   spec         20 T_SPEC         speculative decoding (bench/bench_spec.py), where it exists
+#   spec         40 T_SPEC         speculative decoding (bench/bench_spec.py: n-gram on repetitive prompts, 1B and 8B shapes)
 #   pack          8                the archive again, with what the benchmarks compiled
 # pytest and Python stages are stopped with SIGINT at their limit (pytest then prints its summary and tracebacks),
 # killed 5 s later if still running; PYTHONFAULTHANDLER=1 prints the stacks of a crash. Worst case, every stage at
@@ -71,8 +71,8 @@ done
 # ---- limits -------------------------------------------------------------------------------------------------
 STAGES=(env build smoke tests_fast sanitize tests pack kernels e2e prefix_chunk spec)
 declare -A LIMIT=([env]=${T_ENV:-12} [build]=${T_BUILD:-105} [smoke]=${T_SMOKE:-52} [tests_fast]=${T_TESTS_FAST:-43}
-                  [sanitize]=${T_SANITIZE:-50} [tests]=${T_TESTS:-75} [pack]=${T_PACK:-8} [kernels]=${T_KERNELS:-30}
-                  [e2e]=${T_E2E:-50} [prefix_chunk]=${T_PREFIX_CHUNK:-35} [spec]=${T_SPEC:-20})
+                  [sanitize]=${T_SANITIZE:-50} [tests]=${T_TESTS:-70} [pack]=${T_PACK:-8} [kernels]=${T_KERNELS:-25}
+                  [e2e]=${T_E2E:-45} [prefix_chunk]=${T_PREFIX_CHUNK:-30} [spec]=${T_SPEC:-40})
 declare -A MIN_LIMIT=([env]=10)  # the env stage imports torch and restores the archive; others: at least 5 s
 GRACE=5           # seconds between SIGINT and SIGKILL at a stage's limit
 DEFAULT_BUDGET=390
