@@ -698,6 +698,46 @@ def test_tiny_model_stream_bytes_usage_and_context_end_by_hand(tiny_server):
     assert chat["choices"][0]["finish_reason"] == "length"
 
 
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+    """`chat_template_kwargs` (as vLLM's server takes it) are variables of the model's chat template: a template that
+    greets with `greeting` renders the text written here, whose token count (by `tokenizers` itself) is the usage's
+    prompt_tokens; a non-object or a reserved name is a 400 naming chat_template_kwargs, and the server goes on."""
+    from checkpoints import make_hf_checkpoint
+    from tokenizers import Tokenizer
+
+    path = make_hf_checkpoint(str(tmp_path), "llama", seed=1)
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = ("{{ greeting | default('Hello') }}:{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                            "\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    engine = Engine(path, backend="torch", device="cpu", block_size=4, num_kv_blocks=64, max_model_len=96)
+    messages = [{"role": "user", "content": "Hi there"}]
+
+    def n_tokens(text):
+        return len(tok.encode(text, add_special_tokens=False))
+
+    with ServerThread(build_app(engine, ServerConfig(model_name=MODEL, shutdown_grace=0))) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        def chat(**extra):
+            return http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": messages,
+                                                           **extra})
+
+        plain, ahoy = chat().json(), chat(chat_template_kwargs={"greeting": "Ahoy matey"}).json()
+        assert plain["usage"]["prompt_tokens"] == n_tokens("Hello:[user] Hi there\n[assistant] ")
+        assert ahoy["usage"]["prompt_tokens"] == n_tokens("Ahoy matey:[user] Hi there\n[assistant] ")
+        assert ahoy["usage"]["prompt_tokens"] != plain["usage"]["prompt_tokens"]
+        for bad in ([1, 2], "x", {"messages": []}, {"add_generation_prompt": False}, {"not a name": 1}):
+            r = chat(chat_template_kwargs=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", (bad, r.text)
+        assert chat().json()["usage"] == plain["usage"]
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "chat_template_kwargs": {}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+
+
 def test_prometheus_text_by_hand():
     h = Histogram("lat_seconds", "latency", buckets=(0.25, 0.5, 1.0))
     for v in (0.125, 0.25, 0.375, 0.75, 4.0):  # 0.25 falls in le=0.25 (upper bounds are inclusive)

@@ -132,7 +132,8 @@ class TrinferServer:
             head = message.split(":", 1)[0]
             prompt_field = "messages" if req.chat else "prompt"
             param = {"prompt": prompt_field, "chat template": "messages", "request": "max_tokens",
-                     "max_new_tokens": "max_tokens", "stop": "stop"}.get(head)
+                     "max_new_tokens": "max_tokens", "stop": "stop",
+                     "chat_template_kwargs": "chat_template_kwargs"}.get(head)
             code = "context_length_exceeded" if head == "prompt" and "context" in message else None
             return RequestError(message, param=param, code=code)
         return RequestError(f"internal error: {type(error).__name__}: {error}", status=500, type="server_error")
@@ -182,7 +183,8 @@ class TrinferServer:
             max_new = req.max_tokens if req.max_tokens is not None else self.engine.max_model_len
             writer = ResponseWriter(req, self.engine.tokenizer, self.config.model_name)
             handle = self.loop.submit(writer.id, req.prompt, SamplingParams(max_new_tokens=max_new, stop=req.stop),
-                                      chat=req.chat, received=received)
+                                      chat=req.chat, received=received,
+                                      chat_template_kwargs=req.chat_template_kwargs)
         except (RequestError, Refused) as e:
             return self.error_response(e)
         except ClientDisconnect:

@@ -162,7 +162,7 @@ class EngineLoop:
                 self._thread.start()
 
     def submit(self, request_id: str, prompt: Any, params: SamplingParams, *, chat: bool,
-               received: float | None = None) -> RequestHandle:
+               received: float | None = None, chat_template_kwargs: dict | None = None) -> RequestHandle:
         """Queue a request (call from a coroutine: its queue belongs to the running event loop)."""
         self.start()
         if not self._accepting:
@@ -177,7 +177,7 @@ class EngineLoop:
         self.metrics.in_flight.set(self._in_flight)
         handle = RequestHandle(self, request_id, asyncio.get_running_loop())
         received = time.perf_counter() if received is None else received
-        self._commands.put(("add", handle, prompt, params, chat, received))
+        self._commands.put(("add", handle, prompt, params, chat, received, chat_template_kwargs))
         return handle
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -250,12 +250,14 @@ class EngineLoop:
             except queue.Empty:
                 return True
 
-    def _add(self, handle: RequestHandle, prompt, params: SamplingParams, chat: bool, received: float) -> None:
+    def _add(self, handle: RequestHandle, prompt, params: SamplingParams, chat: bool, received: float,
+             chat_template_kwargs: dict | None = None) -> None:
         if not self._accepting and self._drain_deadline is not None and time.perf_counter() >= self._drain_deadline:
             self._finish_rejected(handle, Refused("the server is shutting down", 503))
             return
         try:
-            self.engine.add_request(prompt, params, chat=chat, request_id=handle.request_id)
+            self.engine.add_request(prompt, params, chat=chat, request_id=handle.request_id,
+                                    chat_template_kwargs=chat_template_kwargs)
         except Exception as e:  # ValueError/TypeError: a bad request (400); anything else: the server's fault
             if not isinstance(e, (ValueError, TypeError)):
                 logger.exception("engine loop: add_request failed")

@@ -68,6 +68,7 @@ class GenerationRequest:
     include_usage: bool = False
     logprobs: bool = False      # return the chosen token's log-probability
     top_logprobs: int = 0       # 0 or 1: the top-1 alternative, which for greedy decoding is the chosen token
+    chat_template_kwargs: dict | None = None  # chat: extra variables of the chat template (e.g. enable_thinking)
 
     @property
     def chat(self) -> bool:
@@ -229,7 +230,8 @@ def _greedy_only(body: dict) -> None:
 # ---------------------------------------------------------------------------------------------- the endpoints
 _COMMON = {"model", "stream", "stream_options", "stop", "max_tokens", "seed", "user", "temperature", "top_p", "n",
            "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format",
+                          "chat_template_kwargs"}
 _COMPLETION_FIELDS = _COMMON | {"prompt", "best_of", "echo", "suffix"}
 
 
@@ -318,8 +320,12 @@ def parse_chat_request(body: dict, served_model: str) -> GenerationRequest:
         if top > 1:
             raise RequestError(f"top_logprobs: trinfer returns only the chosen token's log-probability (the top-1, "
                                f"as it decodes greedily); expected 0 or 1, got {top}", param="top_logprobs")
+    template_kwargs = body.get("chat_template_kwargs")
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):  # names are checked by the engine
+        raise _bad("chat_template_kwargs", "an object of chat-template variables, e.g. {\"enable_thinking\": false}",
+                   template_kwargs)
     return GenerationRequest("chat", prompt=messages, max_tokens=max_completion or max_tokens, logprobs=logprobs,
-                             top_logprobs=top or 0, **common)
+                             top_logprobs=top or 0, chat_template_kwargs=template_kwargs or None, **common)
 
 
 def _prompt(body: dict) -> str | list[int]:
