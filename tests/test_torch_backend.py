@@ -146,7 +146,8 @@ HEADS = [(9, 3, 64), (4, 4, 32), (8, 1, 80)]  # (q_heads, kv_heads, head_dim): G
 
 
 @pytest.mark.parametrize("hq, hk, d", HEADS)
-@pytest.mark.parametrize("lens", [[1], [16], [47], [200], [5, 17, 0, 33], [40, 40], [0]])
+@pytest.mark.parametrize("lens", [[1], [16], [47], [200], [5, 17, 0, 33], [40, 40], [0],
+                                  [3, 300, 0, 7, 150, 6, 2]])  # the last: rows in three length groups
 @pytest.mark.parametrize("consecutive", [False, True])
 def test_decode_attention_matches_the_reference(hq, hk, d, lens, consecutive):
     bs = 16
@@ -172,6 +173,14 @@ def test_decode_attention_matches_the_reference(hq, hk, d, lens, consecutive):
                                    max_seq_len=max(lens), workspace=None, validate=False)
     expected = R.paged_decode_attention_ref(q, batch.k_cache, batch.v_cache, tables, batch.kv_lens, d ** -0.5)
     assert_close(got, expected, torch.float32)
+
+
+def test_decode_rows_are_grouped_by_length_within_2x():
+    """Worked by hand: sorted lengths 0 0 2 3 6 7 150 300 -> [0 0 2 3] [6 7] [150 300] (zero-length rows join the
+    shortest group; a group's longest row is at most twice its shortest nonzero one)."""
+    lens = [3, 300, 0, 7, 150, 6, 2, 0]
+    assert T._length_groups(lens) == [[2, 7, 6, 0], [5, 3], [4, 1]]
+    assert T._length_groups([10, 10, 20]) == [[0, 1, 2]] and T._length_groups([10, 21]) == [[0], [1]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

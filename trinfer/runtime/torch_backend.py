@@ -200,10 +200,52 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, scale: float, **_kwargs) -> torch.Tensor:
     """`paged_decode_attention_ref` for the whole batch at once: q `[B, q_heads, D]` attends to the first
     `seq_lens[b]` cached tokens of its sequence; a length of 0 gives zeros. Returns `[B, q_heads, D]` in q's
-    dtype; fp32 math."""
-    batch, q_heads, dim = q.shape
+    dtype; fp32 math.
+
+    Rows are gathered up to the longest length of their group: rows whose lengths differ by more than 2x go in
+    separate groups (sorted by length), so one long sequence does not make every short one read and mask its
+    length (4 streams of 100 tokens beside an 8000-token one: one gather of 8000 tokens, not five)."""
+    batch = q.shape[0]
     lens = seq_lens.tolist()  # host values: which tokens to read and whether a mask is needed
-    n = max(lens, default=0)
+    if max(lens, default=0) == 0:
+        return torch.zeros_like(q)
+    if batch == 1:
+        return _decode_rows(q, k_cache, v_cache, block_tables, seq_lens, lens, scale)
+    groups = _length_groups(lens)
+    if len(groups) == 1:
+        return _decode_rows(q, k_cache, v_cache, block_tables, seq_lens, lens, scale)
+    out = torch.empty_like(q)
+    for rows in groups:
+        idx = torch.tensor(rows, device=q.device)
+        out[idx] = _decode_rows(q[idx], k_cache, v_cache, block_tables[idx], seq_lens[idx], [lens[r] for r in rows],
+                                scale)
+    return out
+
+
+def _length_groups(lens: list[int], ratio: int = 2) -> list[list[int]]:
+    """Row indices grouped by length (ascending): a group's longest row is at most `ratio` times its shortest
+    (zero-length rows join the shortest group)."""
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    groups: list[list[int]] = []
+    low = None
+    for r in order:
+        n = lens[r]
+        if groups and (low == 0 or n <= ratio * low):
+            groups[-1].append(r)
+            if low == 0:
+                low = n
+        else:
+            groups.append([r])
+            low = n
+    return groups
+
+
+def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, lens: list[int], scale: float) -> torch.Tensor:
+    """`paged_decode_attention` over rows gathered to their longest length `n` (one row: torch's fused attention
+    over a view of its cached tokens where it can)."""
+    batch, q_heads, dim = q.shape
+    n = max(lens)
     if n == 0:
         return torch.zeros_like(q)
     kv_heads = k_cache.shape[2]
