@@ -37,9 +37,9 @@ from .block_manager import BlockManager, blocks_needed
 from .sequence import Sequence, SequenceStatus
 
 # Tokens computed per step unless the engine is told otherwise, per device type (README, "Prefix caching and
-# chunked prefill"). CPU: measured (bench/results/cpu/prefix_chunk.md): of 2048/512/128/64, 128 is the budget that
-# keeps 4 streams' max inter-token latency under 3x their median while an 8K prompt is prefilled (1.9x; 512:
-# 4.0x), for ~15% on that prompt's TTFT when alone. CUDA: not measured yet; 512 from the FLOP count (a 512-token
+# chunked prefill"). CPU: measured (bench/results/cpu/prefix_chunk.md): of 2048/512/128/64, 128 and 64 keep 4
+# streams' max inter-token latency under 3x their median while an 8K prompt is prefilled (1.9x both; 512: 6.2x);
+# 128 costs that prompt's TTFT alone less (1.17-1.20x against 64's 1.25-1.36x). CUDA: not measured yet; 512 from the FLOP count (a 512-token
 # chunk of a 1B model ~2 ms on an H100-class GPU, ~3x its ~0.6 ms decode step); the GPU check's serving rows will
 # tell.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 128, "cuda": 512}
