@@ -16,7 +16,9 @@ themselves). Times are taken by the client as each text chunk arrives.
    sides (medians) and the median over repetitions of HTTP / direct, paired within a repetition. The texts of
    both sides are compared (greedy: they must be equal).
 
-Both engines: torch backend, fp32, on the CPU, --threads torch threads, max_num_seqs = the largest level. A
+Both engines: torch backend, fp32, on the CPU, --threads torch threads, max_num_seqs = the largest level, the
+engine's other defaults (prefix caching on, chunked prefill at the CPU budget); every request's prompt starts
+with its own number (`unique`), so no cache hit shortens a prefill. A
 CPU measurement, on a machine that may be shared: the load average is recorded before and after each part.
 
     python -m bench.bench_serve [--concurrency 1,4,16,64] [--requests-per-client 2] [--max-tokens 32]
@@ -56,6 +58,12 @@ def prompt_pool() -> list[str]:
     words = TEXT_300.split()
     return [" ".join(words[start:start + n]) for start, n in
             ((0, 20), (13, 45), (29, 80), (5, 120), (41, 30), (60, 60), (2, 100), (77, 25))]
+
+
+def unique(prompt: str, n: int) -> str:
+    """`prompt` behind a tag of its own (request number `n`): no two requests of a run share a prefix, so the
+    server's prefix cache (on by default) never shortens a prefill and the figures are those of cold prompts."""
+    return f"[{n}] {prompt}"
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -151,13 +159,16 @@ def _pcts(xs: list[float]) -> dict[str, float | None]:
 
 
 # ------------------------------------------------------------------------------------------------ the parts
-async def sweep_level(url: str, c: int, per_client: int, max_tokens: int, pool: list[str]) -> dict[str, Any]:
+async def sweep_level(url: str, c: int, per_client: int, max_tokens: int, pool: list[str],
+                      first: int) -> dict[str, Any]:
+    """One level: c clients, per_client requests each; request k of the level is numbered first + k (`unique`)."""
     import httpx
 
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def worker(w: int) -> list[dict]:
-            return [await http_request(client, pool[(w * per_client + i) % len(pool)], max_tokens)
+            return [await http_request(client, unique(pool[(k := w * per_client + i) % len(pool)], first + k),
+                                       max_tokens)
                     for i in range(per_client)]
 
         start = time.perf_counter()
@@ -170,22 +181,25 @@ async def sweep_level(url: str, c: int, per_client: int, max_tokens: int, pool: 
             "tpot": _median(tpot(r) for r in results)}
 
 
-def overhead(url: str, engine, prompt: str, max_tokens: int, reps: int) -> dict[str, Any]:
+def overhead(url: str, engine, prompt: str, max_tokens: int, reps: int, first: int) -> dict[str, Any]:
+    """Repetition r sends `unique(prompt, first + r)` to both sides (each side computes it cold)."""
     import httpx
 
-    async def one_http():
+    async def one_http(prompt):
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             return await http_request(client, prompt, max_tokens)
 
     samples = {"http": [], "direct": []}
     for rep in range(reps + 1):  # rep 0 warms both up, untimed
         order = ("direct", "http") if rep % 2 == 0 else ("http", "direct")
+        tagged = unique(prompt, first + rep)
         for side in order:
-            r = asyncio.run(one_http()) if side == "http" else direct_request(engine, prompt, max_tokens)
+            r = asyncio.run(one_http(tagged)) if side == "http" else direct_request(engine, tagged, max_tokens)
             if rep:
                 samples[side].append(r)
     texts_equal = all(h["text"] == d["text"] for h, d in zip(samples["http"], samples["direct"]))
-    out: dict[str, Any] = {"reps": reps, "tokens": samples["direct"][0]["tokens"], "texts_equal": texts_equal}
+    out: dict[str, Any] = {"reps": reps, "tokens": samples["direct"][0]["tokens"], "texts_equal": texts_equal,
+                           "direct_cache_hit_tokens": engine.prefix_cache_stats.hit_tokens}
     for side, rs in samples.items():
         out[side] = {"ttft_ms": _median(ttft(r) * 1e3 for r in rs), "tpot_ms": _median(tpot(r) * 1e3 for r in rs
                                                                                        if tpot(r) is not None),
@@ -205,8 +219,9 @@ def markdown(data: dict[str, Any]) -> str:
              f"before / after the sweep {data['load_before_sweep']} / {data['load_after_sweep']}, before / after the "
              f"overhead part {data['load_before_overhead']} / {data['load_after_overhead']}.", "",
              f"Model: {data['model']} (fp32, torch backend, {data['threads']} torch thread(s) in the server and in the "
-             f"direct engine), `max_tokens` {data['max_tokens']}, streamed /v1/completions, greedy. Server and "
-             f"clients in separate processes on the same machine.", "",
+             f"direct engine; the engine's defaults otherwise, prefix caching on), `max_tokens` {data['max_tokens']}, "
+             f"streamed /v1/completions, greedy; every prompt starts with its own request number, so none shares a "
+             f"cached prefix. Server and clients in separate processes on the same machine.", "",
              f"## Concurrency sweep (median of {data['reps']} sweeps; {data['requests_per_client']} requests per "
              f"client, one after the other)", "",
              "| clients | requests | output tok/s | TTFT p50 ms | p90 | p99 | ITL p50 ms | p90 | p99 | TPOT ms |",
@@ -269,12 +284,15 @@ def main(argv=None) -> dict[str, Any]:
         try:
             print(f"[bench_serve] {env['cpu_model']} ({env['cpu_cores']} cores); server {url}; load {_load()}",
                   flush=True)
-            asyncio.run(sweep_level(url, 1, 1, args.max_tokens, pool))  # warm-up
+            numbered = 0  # requests sent so far: each gets its own number (`unique`)
+            asyncio.run(sweep_level(url, 1, 1, args.max_tokens, pool, numbered))  # warm-up
+            numbered += 1
             load_before_sweep = _load()
             runs: dict[int, list[dict]] = {c: [] for c in levels}
             for rep in range(args.reps):
                 for c in levels:
-                    r = asyncio.run(sweep_level(url, c, args.requests_per_client, args.max_tokens, pool))
+                    r = asyncio.run(sweep_level(url, c, args.requests_per_client, args.max_tokens, pool, numbered))
+                    numbered += r["requests"]
                     runs[c].append(r)
                     print(f"[bench_serve] sweep {rep + 1}/{args.reps} c={c}: {r['tok_s']:.1f} tok/s, TTFT p50 "
                           f"{r['ttft']['p50'] * 1e3:.0f} ms, ITL p50 {r['itl']['p50'] * 1e3:.1f} ms", flush=True)
@@ -288,7 +306,7 @@ def main(argv=None) -> dict[str, Any]:
                               "itl": {k: _median(r["itl"][k] for r in rs) for k in rs[0]["itl"]},
                               "tpot": _median(r["tpot"] for r in rs)})
             load_before_overhead = _load()
-            over = overhead(url, engine, pool[2], args.max_tokens, args.overhead_reps)
+            over = overhead(url, engine, pool[2], args.max_tokens, args.overhead_reps, numbered)
             load_after_overhead = _load()
         finally:
             rc = stop_server(proc)

@@ -433,6 +433,8 @@ def test_bench_serve_end_to_end(tmp_path):
         assert r["tok_s"] > 0 and r["ttft"]["p50"] > 0 and r["tokens_all"][0] >= r["requests"]
     over = data["overhead"]
     assert over["texts_equal"] and over["http"]["ttft_ms"] > 0 and over["direct"]["ttft_ms"] > 0
+    assert over["direct_cache_hit_tokens"] == 0  # every prompt is its own: no cached prefix shortens a prefill
+    assert bench_serve.unique("a b", 7) != bench_serve.unique("a b", 71)
 
 
 def test_bench_tp_smoke(tmp_path):
