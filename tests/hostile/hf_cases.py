@@ -206,6 +206,43 @@ def _(ctx):
     return ctx.load(ctx.hf({"tokenizer.json": bad}))
 
 
+@case("hf", "tokenizer-json-over-the-size-cap", "ModelFileError", "{path}", "MiB")
+def _(ctx):
+    path = ctx.hf()
+    with open(os.path.join(path, "tokenizer.json"), "r+b") as f:  # sparse: refused by its size, never read
+        f.truncate(300 << 20)
+    ctx.path = os.path.join(path, "tokenizer.json")
+    return ctx.load(path)
+
+
+def _with_duplicate(ctx: Ctx, name: str, key: str, value: Any) -> str:
+    """The base directory's `name` (a JSON object) with `key` given a second time, at the end."""
+    with open(os.path.join(ctx.base, "hf", name), encoding="utf-8") as f:
+        text = f.read().rstrip()
+    assert text.endswith("}") and f'"{key}"' in text
+    return ctx.hf({name: f"{text[:-1]}, {json.dumps(key)}: {json.dumps(value)}}}"})
+
+
+@case("hf", "config-json-duplicate-key", "ModelFileError", "{path}", "num_hidden_layers", "twice")
+def _(ctx):
+    return ctx.load(_with_duplicate(ctx, "config.json", "num_hidden_layers", 1))
+
+
+@case("hf", "tokenizer-config-json-duplicate-key", "ModelFileError", "{path}", "eos_token", "twice")
+def _(ctx):
+    return ctx.load(_with_duplicate(ctx, "tokenizer_config.json", "eos_token", "<s>"))
+
+
+for _label, _qc, _names in [
+    ("group_size-128.0", {"bits": 4, "group_size": 128.0}, ("quantization_config.group_size", "128.0")),
+    ("bits-4.0", {"bits": 4.0, "group_size": 128}, ("quantization_config.bits", "4.0")),
+    ("bits-true", {"bits": True, "group_size": 128}, ("quantization_config.bits",)),
+    ("desc_act-string", {"bits": 4, "group_size": 128, "desc_act": "false"}, ("quantization_config.desc_act",)),
+]:
+    case("hf", f"config-quantization-{_label}", "ModelFileError", "config.json", *_names)(
+        lambda ctx, q=_qc: ctx.load(ctx.config(quantization_config={"quant_method": "gptq", "sym": True, **q})))
+
+
 for _key, _value in [("add_bos_token", "false"), ("add_eos_token", 1), ("bos_token", 5),
                      ("eos_token", {"content": 5}), ("chat_template", 5), ("chat_template", ["x"])]:
     case("hf", f"tokenizer-config-{_key}-{json.dumps(_value)}", "ModelFileError", "tokenizer_config.json", _key)(

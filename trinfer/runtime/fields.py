@@ -181,10 +181,27 @@ def _check_range(source: str, key: str, value, minimum, maximum, what: str) -> N
 MAX_JSON_BYTES = 64 << 20  # config.json, generation_config.json, the index: no real one comes near
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object with the same key twice (json.load keeps the last, other readers may keep the first)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKeyError(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
 def read_json_object(path: str, what: str | None = None) -> dict:
     """A JSON file that must hold an object; ModelFileError naming the file for anything else.
 
-    Refuses files over MAX_JSON_BYTES and nesting too deep for Python's parser, before either costs much.
+    Refuses files over MAX_JSON_BYTES and nesting too deep for Python's parser, before either costs much, and an
+    object with a key given twice (naming the key): json keeps the last, other tools may keep the first.
     what: the file's role, for the FileNotFoundError when it is missing (None: the caller checked).
     """
     if what is not None and not os.path.isfile(path):
@@ -195,7 +212,10 @@ def read_json_object(path: str, what: str | None = None) -> dict:
                              "a model may have")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_refuse_duplicate_keys)
+    except DuplicateKeyError as exc:
+        raise ModelFileError(path, exc.key[:80], "given twice in one object (which one counts is up to the reader: "
+                             "refused)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(path, None, f"not valid JSON ({exc})") from exc
     except RecursionError:

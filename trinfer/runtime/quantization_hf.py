@@ -26,6 +26,7 @@ import torch
 
 from trinfer.triton_kernels.weight_formats import INT4_GROUP_SIZES, QuantizedWeight
 
+from .fields import is_int
 from .quantization import pack_int4
 
 __all__ = ["HFQuantization", "parse_quantization_config", "HFQuantizedTensors"]
@@ -56,13 +57,18 @@ def parse_quantization_config(qc: Any) -> HFQuantization:
     if method not in ("gptq", "awq"):
         raise ValueError(f"quantization_config.quant_method: expected 'gptq' or 'awq' (4-bit), got {method!r}")
     name, bits = _field(qc, "bits", "w_bit")
-    if bits != 4:
-        raise ValueError(f"quantization_config.{name}: only 4-bit weights are supported, got {bits!r}")
+    if not is_int(bits) or bits != 4:  # an int: 4.0 or "4" is a malformed file, not a 4-bit one
+        raise ValueError(f"quantization_config.{name}: only 4-bit weights are supported (the integer 4), "
+                         f"got {bits!r}")
     name, group = _field(qc, "group_size", "q_group_size")
-    if group not in INT4_GROUP_SIZES:
-        raise ValueError(f"quantization_config.{name}: expected one of {INT4_GROUP_SIZES}, got {group!r}")
+    if not is_int(group) or group not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantization_config.{name}: expected an integer, one of {INT4_GROUP_SIZES}, "
+                         f"got {group!r}")
     if method == "gptq":
-        if qc.get("desc_act"):
+        desc_act = qc.get("desc_act", False)
+        if not isinstance(desc_act, bool):
+            raise ValueError(f"quantization_config.desc_act: expected true or false, got {desc_act!r}")
+        if desc_act:
             raise ValueError("quantization_config.desc_act: act-order checkpoints (desc_act true) are not supported")
         name, fmt = _field(qc, "checkpoint_format", "format", default="gptq")
         if not isinstance(fmt, str) or fmt.lower() not in ("gptq", "gptq_v2"):

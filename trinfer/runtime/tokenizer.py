@@ -29,6 +29,10 @@ from .fields import (ModelFileError, get_bool, get_int, get_list, get_str, is_in
 __all__ = ["Tokenizer", "IncrementalDetokenizer", "gguf_tokenizer_backend", "validate_text", "ChatTemplateError",
            "TemplateLimits"]
 
+# A tokenizer.json larger than this is refused before the tokenizers library parses it (it holds the whole file
+# and its vocabulary in memory): real ones are tens of MiB at most (Gemma 3's: 33 MiB).
+MAX_TOKENIZER_JSON_BYTES = 256 << 20
+
 # llama.cpp token types (tokenizer.ggml.token_type).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
@@ -154,6 +158,10 @@ class Tokenizer:
                 f"{path}: no tokenizer.json (trinfer needs the fast-tokenizer file; tokenizer.model alone is "
                 "not supported)"
             )
+        size = os.path.getsize(tok_file)
+        if size > MAX_TOKENIZER_JSON_BYTES:
+            raise ModelFileError(tok_file, None, f"{size} bytes, more than the {MAX_TOKENIZER_JSON_BYTES >> 20} MiB "
+                                 "a tokenizer.json may have (the largest real ones are tens of MiB)")
         try:
             backend = _Backend.from_file(tok_file)
         except BaseException as exc:  # tokenizers raises Exception, or (a Rust panic) a BaseException
