@@ -411,6 +411,32 @@ def test_host_overhead_suite_runs():
     assert "15 passed" in proc.stdout
 
 
+def test_bench_defaults_smoke(tmp_path):
+    """bench_defaults on a tiny random checkpoint (tokenizer included): the four engines differ exactly in the two
+    options, every request is cold (no cache hit anywhere), the same tokens everywhere, ratios to `off` of 1 for
+    `off` itself, and a long prompt longer than the CPU budget, so that chunking is really exercised."""
+    from bench import bench_defaults
+    from checkpoints import make_hf_checkpoint
+
+    path = make_hf_checkpoint(str(tmp_path), "llama", max_position_embeddings=512)
+    threads = torch.get_num_threads()
+    data = bench_defaults.main(["--device", "cpu", "--model", path, "--reps", "2", "--new-tokens", "4",
+                                "--long", "200", "--out", str(tmp_path / "out")])
+    assert torch.get_num_threads() == threads  # restored
+    on_disk = _strict_json(tmp_path / "out" / "defaults.json")
+    assert on_disk["budgets"]["defaults"] == on_disk["budgets"]["no-cache"] == 128  # the CPU default
+    assert on_disk["budgets"]["off"] == on_disk["budgets"]["no-chunk"] > 300
+    assert on_disk["cache_hit_tokens"] == {c: 0 for c in bench_defaults.CONFIGS}
+    rows = {(r["prompt"], r["config"]): r for r in data["rows"]}
+    assert {p for p, _ in rows} == {"chat", "300", "long"} and rows[("long", "off")]["prompt_tokens"] == 200 and rows[("300", "off")]["prompt_tokens"] == 300
+    for (prompt, config), r in rows.items():
+        assert r["tokens_equal"] and r["decode_tok_s"] > 0 and r["ttft_ms"] > 0
+        assert r["prefix_caching"] == (config in ("defaults", "no-chunk"))
+        if config == "off":
+            assert r["tok_s_vs_off"] == r["ttft_vs_off"] == 1.0
+    assert "CPU measurement" in (tmp_path / "out" / "defaults.md").read_text()
+
+
 def test_bench_serve_end_to_end(tmp_path):
     """bench_serve on a tiny random checkpoint: a real `trinfer serve` subprocess, two concurrency levels and the
     interleaved HTTP-vs-direct part; both paths give the same text and the server exits 0 on SIGTERM."""
