@@ -87,22 +87,34 @@ def test_every_group_runs_cases():
     assert len(names) == len(set(names)), "case names must be unique"
 
 
+def _normalizer(name: str):
+    """The normalizers the bound must stay sound under: none, composing ones (measured), Llama 2's
+    Prepend + Replace (never shorter: the text's own length counts), and others."""
+    from tokenizers import normalizers as N
+
+    return {"no-normalizer": None, "nfc": N.NFC(), "nfkc-lowercase": N.Sequence([N.NFKC(), N.Lowercase()]),
+            "llama2": N.Sequence([N.Prepend("\u2581"), N.Replace(" ", "\u2581")]),
+            "nfd-strip-accents": N.Sequence([N.NFD(), N.StripAccents()]), "strip": N.Strip()}[name]
+
+
 @pytest.mark.parametrize("text", [
     "hello world " * 3000, "a" * 40_000, "1234567890" * 3000, " \n\t " * 4000, "<|im_start|>user\n" * 2000,
-    "\u00e9t\u00e9 " * 5000, "x" * 30_000 + " y" * 3000,
-], ids=["words", "one-word", "digits", "whitespace", "specials", "accents", "long-word-then-words"])
-@pytest.mark.parametrize("normalized", [False, True], ids=["no-normalizer", "nfc"])
-def test_exceeds_is_a_sound_lower_bound(text, normalized, base):
-    """Tokenizer.exceeds() may say "don't know" (None), but a number it gives is never more than the real count."""
+    "\u00e9t\u00e9 " * 5000, "x" * 30_000 + " y" * 3000, "e\u0301" * 20_000, "\ufb01 \u0130" * 8000,
+], ids=["words", "one-word", "digits", "whitespace", "specials", "accents", "long-word-then-words",
+        "combining-marks", "ligature-dotted-I"])
+@pytest.mark.parametrize("normalizer", ["no-normalizer", "nfc", "nfkc-lowercase", "llama2", "nfd-strip-accents",
+                                        "strip"])
+def test_exceeds_is_a_sound_lower_bound(text, normalizer, base):
+    """Tokenizer.exceeds() may say "don't know" (None), but a number it gives is never more than the real count.
+    And one word of many characters gets a bound (no full tokenization) under every normalizer that keeps text
+    (Strip may delete it: no bound there)."""
     from tokenizers import Tokenizer as Backend
-    from tokenizers import normalizers
 
     from trinfer.runtime.tokenizer import Tokenizer
 
     with open(os.path.join(base, "vocab.json"), encoding="utf-8") as f:
         backend = Backend.from_str(json.load(f)["tokenizer_json"])
-    if normalized:
-        backend.normalizer = normalizers.NFC()
+    backend.normalizer = _normalizer(normalizer)
     tok = Tokenizer(backend)
     real = len(tok.encode(text, add_special_tokens=False))
     for limit in (10, 100, 1000, real - 1, real):
@@ -110,3 +122,5 @@ def test_exceeds_is_a_sound_lower_bound(text, normalized, base):
         if bound is not None:
             assert limit < bound <= real, (limit, bound, real)
     assert tok.exceeds(text, real) is None  # never claims a text that fits does not
+    megaword = tok.exceeds("a" * 40_000, 10)
+    assert (megaword is None) == (normalizer == "strip"), megaword

@@ -113,10 +113,37 @@ def _(ctx):
     from trinfer.runtime.tokenizer import Tokenizer
 
     backend = Backend.from_str(ctx.loaded.tokenizer.backend.to_str())
-    backend.normalizer = normalizers.NFC()  # no sound characters-per-token bound: the word bound must do
+    backend.normalizer = normalizers.Strip()  # may delete text: no characters-per-token bound, the word bound must do
     tok = Tokenizer(backend)
     assert tok.max_chars_per_token is None
     return tok.exceeds("hello world " * (_10MB // 12), 254)
+
+
+def _megaword(ctx, normalizer):
+    from tokenizers import Tokenizer as Backend
+
+    from trinfer.runtime.tokenizer import Tokenizer
+
+    backend = Backend.from_str(ctx.loaded.tokenizer.backend.to_str())
+    backend.normalizer = normalizer
+    return Tokenizer(backend).exceeds("a" * _10MB, 254)
+
+
+@case("requests", "tokenizer-exceeds-megaword-llama2-normalizer", None,
+      check=lambda n: None if isinstance(n, int) and n > 254 else f"exceeds() gave {n!r}, expected a count > 254")
+def _(ctx):
+    from tokenizers import normalizers as N
+
+    # Llama 2 / Mistral tokenizer.json: never shortens text, so the text's own length bounds the tokens
+    return _megaword(ctx, N.Sequence([N.Prepend("\u2581"), N.Replace(" ", "\u2581")]))
+
+
+@case("requests", "tokenizer-exceeds-megaword-nfc", None,
+      check=lambda n: None if isinstance(n, int) and n > 254 else f"exceeds() gave {n!r}, expected a count > 254")
+def _(ctx):
+    from tokenizers import normalizers as N
+
+    return _megaword(ctx, N.NFC())  # may compose characters: the normalized text is measured (linear)
 
 
 @case("requests", "prompt-10M-token-ids", "ValueError", "prompt", "context of 256")

@@ -141,7 +141,7 @@ class Tokenizer:
         self.chat_template_origin = chat_template_origin  # where it came from (file and key), for errors
         self.template_limits = template_limits or TemplateLimits()
         self._template: ChatTemplate | None = None  # compiled lazily
-        self._max_chars_per_token: int | None | bool = False  # False: not computed yet
+        self._chars_bound: tuple[int, bool] | None | bool = False  # _chars_per_token_bound; False: not computed
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -289,8 +289,11 @@ class Tokenizer:
         Cheap for long texts: it never tokenizes more than a prefix of about 4x the length at which the
         answer is known. The bounds used are sound:
         - when every token stands for at most L characters (`max_chars_per_token`, known for BPE vocabularies
-          that cover every byte, with no normalizer and no pre-tokenizer or added token that drops or absorbs
-          text), a text of n characters has at least ceil(n / L) tokens;
+          that cover every byte, with no pre-tokenizer or added token that drops or absorbs text, and no
+          normalizer or only ones that keep every character), a text whose normalized form has n characters
+          has at least ceil(n / L) tokens. n is the text's own length when the normalizers never shorten text
+          (Llama 2's Prepend + Replace, Lowercase, NFD/NFKD); with NFC/NFKC/StripAccents the text is normalized
+          (linear time) and measured;
         - the pre-tokenizer splits text into words that are tokenized one by one, so the words of a prefix
           that end before its last two words get the same tokens in the whole text: their count is a lower
           bound. Prefixes of 4x, 16x, ... the limit are tried, so the cost stays proportional to the limit.
@@ -299,9 +302,13 @@ class Tokenizer:
         n = len(validate_text(text))
         if n <= self._EXCEEDS_START_CHARS_PER_TOKEN * limit + self._EXCEEDS_START_CHARS:
             return None
-        per_token = self.max_chars_per_token
-        if per_token is not None and n > limit * per_token:
-            return -(-n // per_token)
+        bound = self._chars_per_token()
+        if bound is not None and n > limit * bound[0]:
+            per_token, measure = bound
+            if measure:  # a normalizer that may shorten text: count what the model will see
+                n = len(self._backend.normalizer.normalize_str(text))
+            if n > limit * per_token:
+                return -(-n // per_token)
         cut = self._EXCEEDS_START_CHARS_PER_TOKEN * limit + self._EXCEEDS_START_CHARS
         while cut < n:
             words = self._backend.encode(text[:cut], add_special_tokens=False).word_ids
@@ -317,9 +324,13 @@ class Tokenizer:
     def max_chars_per_token(self) -> int | None:
         """The most characters of text one token can stand for, when that bound is sound (see `exceeds`);
         None when this tokenizer can map text of any length to one token or drop text."""
-        if self._max_chars_per_token is False:
-            self._max_chars_per_token = _max_chars_per_token(self._backend)
-        return self._max_chars_per_token
+        bound = self._chars_per_token()
+        return None if bound is None else bound[0]
+
+    def _chars_per_token(self) -> tuple[int, bool] | None:
+        if self._chars_bound is False:
+            self._chars_bound = _chars_per_token_bound(self._backend)
+        return self._chars_bound
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids outside the tokenizer's vocabulary (a padded embedding) decode to nothing."""
@@ -645,21 +656,66 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types
     return backend
 
 
-# Pre-tokenizers that never drop text: with them (and no normalizer), every character of the text ends up
-# in some token. Split and Punctuation qualify unless their behavior removes what they match.
+# Pre-tokenizers that never drop text: with them (and normalizers that keep text), every character of the text
+# ends up in some token. Split and Punctuation qualify unless their behavior removes what they match.
 _KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation", "UnicodeScripts"}
 
 
-def _max_chars_per_token(backend: _Backend) -> int | None:
-    """The most characters one token of `backend` can stand for, or None when no such bound is sound.
+# Normalizers (tokenizers' names) that never make text shorter, character by character (Replace only with a
+# one-character pattern and content of at least one character): with only these, the text's length is a lower
+# bound on the normalized length. And those that may shorten it but only within what they see, never across a
+# special token (composition, accent stripping): with them the text is normalized and measured.
+_GROWING_NORMALIZERS = {"Prepend", "Lowercase", "NFD", "NFKD"}
+_MEASURED_NORMALIZERS = {"NFC", "NFKC", "StripAccents"}
 
-    Sound when: no normalizer (which could delete text), a BPE model, pre-tokenizers that keep all text,
-    every byte covered (byte-level: the 256 byte symbols are tokens; otherwise byte fallback with the 256
-    <0xXX> tokens), so nothing is dropped or fused into an unknown token, and no added token that absorbs
+
+def _normalizer_measure(backend: _Backend) -> bool | None:
+    """How `exceeds` counts characters under `backend`'s normalizer: False: the text's own length is a lower bound
+    (no normalizer, or only growing ones); True: normalize the text and count; None: no sound count (a normalizer
+    that can delete text across what it sees, e.g. Strip, a regex Replace, BertNormalizer, Precompiled; or an
+    added token the normalizer would change, so whole-text normalization would not be what the model sees)."""
+    if backend.normalizer is None:
+        return False
+    state = json.loads(backend.normalizer.__getstate__())
+    steps = state.get("normalizers", []) if state.get("type") == "Sequence" else [state]
+    measure = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Replace":
+            pattern = step.get("pattern", {}).get("String")
+            if not isinstance(pattern, str) or len(pattern) != 1 or not step.get("content"):
+                return None
+        elif kind in _MEASURED_NORMALIZERS:
+            measure = True
+        elif kind not in _GROWING_NORMALIZERS:
+            return None
+    if not measure:  # the text's own length counts: an added token is one token for its own characters anyway
+        return False
+    prepends = [step["prepend"] for step in steps if step.get("type") == "Prepend"]
+
+    def changes(content: str) -> bool:  # the normalizer changes an added token's content (beyond a Prepend)
+        out = backend.normalizer.normalize_str(content)
+        for p in prepends:
+            out = out.removeprefix(p)
+        return out != content
+
+    if any(changes(t.content) for t in backend.get_added_tokens_decoder().values()):
+        return None
+    return True
+
+
+def _chars_per_token_bound(backend: _Backend) -> tuple[int, bool] | None:
+    """(L, measure): every token of `backend` stands for at most L characters of normalized text, and `measure`
+    says whether the text must be normalized to count them (`_normalizer_measure`); None when no bound is sound.
+
+    Sound when: normalizers that keep every character (`_normalizer_measure`), a BPE model, pre-tokenizers that
+    keep all text, every byte covered (byte-level: the 256 byte symbols are tokens; otherwise byte fallback with
+    the 256 <0xXX> tokens), so nothing is dropped or fused into an unknown token, and no added token that absorbs
     the whitespace around it (lstrip/rstrip). Then each token is one vocabulary entry standing for at most
-    len(entry) characters of text.
+    len(entry) characters of normalized text (an added token: its own characters).
     """
-    if backend.normalizer is not None or type(backend.model).__name__ != "BPE":
+    measure = _normalizer_measure(backend)
+    if measure is None or type(backend.model).__name__ != "BPE":
         return None
     steps = []
     if backend.pre_tokenizer is not None:
@@ -676,4 +732,4 @@ def _max_chars_per_token(backend: _Backend) -> int | None:
             return None
     elif not (backend.model.byte_fallback and all(f"<0x{b:02X}>" in vocab for b in range(256))):
         return None
-    return max(len(token) for token in vocab)
+    return max(len(token) for token in vocab), measure
