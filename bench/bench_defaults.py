@@ -102,9 +102,8 @@ def main(argv=None) -> dict[str, Any]:
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    max_len = max(args.long, 300) + args.new_tokens + 16
-    loaded, model_name, backend = bench_model(device, args.shape, args.model, max_len)
-    max_model_len = max_len
+    max_model_len = max(args.long, 300) + args.new_tokens + 16
+    loaded, model_name, backend = bench_model(device, args.shape, args.model, max_model_len)
     llms = {c: LLM(loaded, backend=backend, device=str(device), max_num_seqs=1, max_model_len=max_model_len,
                    **engine_options(c, max_model_len)) for c in CONFIGS}
     budgets = {c: llms[c].engine.scheduler.max_num_batched_tokens for c in CONFIGS}
@@ -164,7 +163,8 @@ def main(argv=None) -> dict[str, Any]:
 def markdown(data: dict[str, Any]) -> str:
     env, f = data["env"], H._fmt
     where = (f"**CPU measurement** (no GPU): {env.get('cpu_model')}, {env.get('cpu_cores')} cores, "
-             f"{data['threads']} torch thread(s)" if data["mode"] == "cpu" else f"**GPU measurement**: {env.get('gpu')}")
+             f"{data['threads']} torch thread(s)" if data["mode"] == "cpu"
+             else f"**GPU measurement**: {env.get('gpu')}")
     rng = (lambda v, s: f"{v[0]:{s}}-{v[1]:{s}}" if v else "")
     lines = [f"# {data['title']}", "",
              f"> {where}; torch {env.get('torch')}, {env.get('date')}, commit {env.get('git_commit')}. Load average "

@@ -104,46 +104,44 @@ def _(ctx):
     return ctx.engine.add_request("hello world " * (_10MB // 12), chat=True, max_new_tokens=1)
 
 
-@case("requests", "tokenizer-exceeds-by-words-with-a-normalizer", None,
-      check=lambda n: None if isinstance(n, int) and n > 254 else f"exceeds() gave {n!r}, expected a count > 254")
-def _(ctx):
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import normalizers
-
-    from trinfer.runtime.tokenizer import Tokenizer
-
-    backend = Backend.from_str(ctx.loaded.tokenizer.backend.to_str())
-    backend.normalizer = normalizers.Strip()  # may delete text: no characters-per-token bound, the word bound must do
-    tok = Tokenizer(backend)
-    assert tok.max_chars_per_token is None
-    return tok.exceeds("hello world " * (_10MB // 12), 254)
-
-
-def _megaword(ctx, normalizer):
+def _with_normalizer(ctx, normalizer):
+    """The engine's tokenizer, copied, with `normalizer` in place of its own."""
     from tokenizers import Tokenizer as Backend
 
     from trinfer.runtime.tokenizer import Tokenizer
 
     backend = Backend.from_str(ctx.loaded.tokenizer.backend.to_str())
     backend.normalizer = normalizer
-    return Tokenizer(backend).exceeds("a" * _10MB, 254)
+    return Tokenizer(backend)
 
 
-@case("requests", "tokenizer-exceeds-megaword-llama2-normalizer", None,
-      check=lambda n: None if isinstance(n, int) and n > 254 else f"exceeds() gave {n!r}, expected a count > 254")
+def _more_than_254(n):
+    return None if isinstance(n, int) and n > 254 else f"exceeds() gave {n!r}, expected a count > 254"
+
+
+@case("requests", "tokenizer-exceeds-by-words-with-a-normalizer", None, check=_more_than_254)
+def _(ctx):
+    from tokenizers import normalizers as N
+
+    tok = _with_normalizer(ctx, N.Strip())  # may delete text: no characters-per-token bound, the word bound must do
+    assert tok.max_chars_per_token is None
+    return tok.exceeds("hello world " * (_10MB // 12), 254)
+
+
+@case("requests", "tokenizer-exceeds-megaword-llama2-normalizer", None, check=_more_than_254)
 def _(ctx):
     from tokenizers import normalizers as N
 
     # Llama 2 / Mistral tokenizer.json: never shortens text, so the text's own length bounds the tokens
-    return _megaword(ctx, N.Sequence([N.Prepend("\u2581"), N.Replace(" ", "\u2581")]))
+    return _with_normalizer(ctx, N.Sequence([N.Prepend("\u2581"), N.Replace(" ", "\u2581")])).exceeds("a" * _10MB, 254)
 
 
-@case("requests", "tokenizer-exceeds-megaword-nfc", None,
-      check=lambda n: None if isinstance(n, int) and n > 254 else f"exceeds() gave {n!r}, expected a count > 254")
+@case("requests", "tokenizer-exceeds-megaword-nfc", None, check=_more_than_254)
 def _(ctx):
     from tokenizers import normalizers as N
 
-    return _megaword(ctx, N.NFC())  # may compose characters: the normalized text is measured (linear)
+    # may compose characters: the normalized text is measured (linear)
+    return _with_normalizer(ctx, N.NFC()).exceeds("a" * _10MB, 254)
 
 
 @case("requests", "prompt-10M-token-ids", "ValueError", "prompt", "context of 256")

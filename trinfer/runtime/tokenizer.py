@@ -669,6 +669,13 @@ _GROWING_NORMALIZERS = {"Prepend", "Lowercase", "NFD", "NFKD"}
 _MEASURED_NORMALIZERS = {"NFC", "NFKC", "StripAccents"}
 
 
+def _component_steps(component, sequence_key: str) -> list[dict]:
+    """The steps of a tokenizers normalizer or pre-tokenizer as their JSON states: a Sequence's parts (under
+    `sequence_key`), else the component itself."""
+    state = json.loads(component.__getstate__())
+    return state.get(sequence_key, []) if state.get("type") == "Sequence" else [state]
+
+
 def _normalizer_measure(backend: _Backend) -> bool | None:
     """How `exceeds` counts characters under `backend`'s normalizer: False: the text's own length is a lower bound
     (no normalizer, or only growing ones); True: normalize the text and count; None: no sound count (a normalizer
@@ -676,8 +683,7 @@ def _normalizer_measure(backend: _Backend) -> bool | None:
     added token the normalizer would change, so whole-text normalization would not be what the model sees)."""
     if backend.normalizer is None:
         return False
-    state = json.loads(backend.normalizer.__getstate__())
-    steps = state.get("normalizers", []) if state.get("type") == "Sequence" else [state]
+    steps = _component_steps(backend.normalizer, "normalizers")
     measure = False
     for step in steps:
         kind = step.get("type")
@@ -717,10 +723,7 @@ def _chars_per_token_bound(backend: _Backend) -> tuple[int, bool] | None:
     measure = _normalizer_measure(backend)
     if measure is None or type(backend.model).__name__ != "BPE":
         return None
-    steps = []
-    if backend.pre_tokenizer is not None:
-        state = json.loads(backend.pre_tokenizer.__getstate__())
-        steps = state.get("pretokenizers", [state]) if state.get("type") == "Sequence" else [state]
+    steps = [] if backend.pre_tokenizer is None else _component_steps(backend.pre_tokenizer, "pretokenizers")
     for step in steps:
         if step.get("type") not in _KEEPING_PRE_TOKENIZERS or step.get("behavior") == "Removed":
             return None

@@ -206,14 +206,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Rows are gathered up to the longest length of their group: rows whose lengths differ by more than 2x go in
     separate groups (sorted by length), so one long sequence does not make every short one read and mask its
     length (4 streams of 100 tokens beside an 8000-token one: one gather of 8000 tokens, not five)."""
-    batch = q.shape[0]
     lens = seq_lens.tolist()  # host values: which tokens to read and whether a mask is needed
-    if max(lens, default=0) == 0:
-        return torch.zeros_like(q)
-    if batch == 1:
-        return _decode_rows(q, k_cache, v_cache, block_tables, seq_lens, lens, scale)
     groups = _length_groups(lens)
-    if len(groups) == 1:
+    if len(groups) <= 1:  # one row, rows of like lengths, or none
         return _decode_rows(q, k_cache, v_cache, block_tables, seq_lens, lens, scale)
     out = torch.empty_like(q)
     for rows in groups:
@@ -246,7 +241,7 @@ def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """`paged_decode_attention` over rows gathered to their longest length `n` (one row: torch's fused attention
     over a view of its cached tokens where it can)."""
     batch, q_heads, dim = q.shape
-    n = max(lens)
+    n = max(lens, default=0)
     if n == 0:
         return torch.zeros_like(q)
     kv_heads = k_cache.shape[2]
